@@ -1,0 +1,1 @@
+"""What training and serving share: networks, vocabulary layout, item trie, beam search, bundle."""

@@ -1,0 +1,1 @@
+"""Online serving: FastAPI app, engines, catalogue store, metrics. Never imports training."""

@@ -1,0 +1,1 @@
+"""Decoding engines behind one interface (base.DecodeEngine)."""

@@ -1,0 +1,1 @@
+"""Offline stages: data, embeddings, CF, tokenizer, recommender, evaluation and reports."""
