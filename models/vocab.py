@@ -48,12 +48,16 @@ class CodeVocab:
     def tokens(self, codes: np.ndarray) -> np.ndarray:
         """Codes [..., L] -> token ids [..., L]."""
         codes = np.asarray(codes, dtype=np.int64)
-        return codes + self.code_offset + np.arange(self.levels, dtype=np.int64) * self.codebook_size
+        return (
+            codes + self.code_offset + np.arange(self.levels, dtype=np.int64) * self.codebook_size
+        )
 
     def codes(self, tokens: np.ndarray) -> np.ndarray:
         """Token ids [..., L] -> codes [..., L]; inverse of `tokens`."""
         tokens = np.asarray(tokens, dtype=np.int64)
-        return tokens - self.code_offset - np.arange(self.levels, dtype=np.int64) * self.codebook_size
+        return (
+            tokens - self.code_offset - np.arange(self.levels, dtype=np.int64) * self.codebook_size
+        )
 
     def prompt(self, history_codes: Sequence[Sequence[int]] | np.ndarray) -> list[int]:
         """`[bos]` + the code tokens of the last `history_items` items, oldest first."""
