@@ -116,6 +116,11 @@ class ItemTokenizer:
     def item_text(self, item: Mapping[str, Any]) -> str:
         return self.meta.template.render(item)[0]
 
+    @staticmethod
+    def item_text_of(item: Mapping[str, Any], template: TextTemplate | None = None) -> str:
+        """The embedded text of `item` under `template` (default: title. description)."""
+        return (template or TextTemplate()).render(item)[0]
+
     def prepare(self, embeddings: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(embeddings, dtype=torch.float32, device=self.device)
         return (x - self.shift) / self.scale
