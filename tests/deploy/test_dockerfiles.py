@@ -1,0 +1,115 @@
+"""The Docker images: hadolint, and the contract the compose stack and the manifests rely on."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+from tests.deploy.helpers import (
+    DOCKERFILES,
+    ROOT,
+    assert_ok,
+    dockerignore_excludes,
+    read_dockerignore,
+    run,
+    stages,
+    tool,
+)
+
+SERVE_CMD = ["serve", "--bundle", "/bundle", "--host", "0.0.0.0", "--port", "8000"]
+
+
+@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+def test_hadolint_passes(name: str) -> None:
+    # Default failure threshold: any finding, down to `info`, fails.
+    assert_ok(run([tool("hadolint"), str(DOCKERFILES[name])]))
+
+
+def test_hadolint_rejects_a_bad_dockerfile(tmp_path) -> None:
+    """The linter really runs: an untagged base image and unpinned apt installs fail."""
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python\nRUN apt-get update && apt-get install -y curl\n")
+    out = run([tool("hadolint"), str(bad)])
+    assert out.returncode != 0
+    assert "DL3006" in out.stdout and "DL3008" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("name", ["cpu", "cuda"])
+def test_server_image_contract(name: str) -> None:
+    all_stages = stages(DOCKERFILES[name])
+    assert len(all_stages) >= 3, "multi-stage: bundle, build and runtime stages"
+    final = all_stages[-1]
+    assert final[0][1].endswith("AS runtime"), final[0]
+    instr = {}
+    for word, args in final:
+        instr.setdefault(word, []).append(args)
+    # Nothing of the build toolchain or the source tree: only the virtualenv and the bundle.
+    copies = instr["COPY"]
+    assert any("--from=build /opt/venv /opt/venv" in c for c in copies), copies
+    assert all("--from=" in c for c in copies), f"the runtime stage copies from stages only: {copies}"
+    # Non-root.
+    user = instr["USER"][-1]
+    assert user.split(":")[0] not in {"0", "root"}, user
+    # Health check through the stdlib (no curl in the slim image).
+    (health,) = instr["HEALTHCHECK"]
+    assert "/healthz" in health and "urllib.request" in health, health
+    assert "curl" not in health and "wget" not in health
+    assert instr["EXPOSE"] == ["8000"]
+    # Entry point: the CLI contract `letterrec serve --bundle /bundle --host 0.0.0.0 --port 8000`.
+    assert instr["ENTRYPOINT"] == ['["letterrec"]']
+    assert instr["CMD"] == ['["' + '", "'.join(SERVE_CMD) + '"]']
+    env = " ".join(instr["ENV"])
+    assert "LETTERREC_BUNDLE=/bundle" in env
+    assert "LETTERREC_API_KEYS" not in env, "API keys never go into an image"
+
+
+def test_cpu_image_installs_the_cpu_torch_wheel_then_serve_extra() -> None:
+    build = " ".join(a for w, a in stages(DOCKERFILES["cpu"])[1] if w in {"RUN", "ARG"})
+    assert "download.pytorch.org/whl/cpu" in build
+    assert "torch==${TORCH_VERSION}" in build
+    assert 'pip install ".[serve]"' in build
+
+
+def test_cuda_image_is_vllm_on_a_cuda_base() -> None:
+    text = DOCKERFILES["cuda"].read_text()
+    assert "ARG CUDA_IMAGE=nvidia/cuda:" in text
+    assert 'pip install ".[serve,vllm]"' in text
+    assert "LETTERREC_ENGINE=vllm" in text and "LETTERREC_DEVICE=cuda" in text
+
+
+def test_bundle_image_runs_as_non_root_and_checks_the_manifest() -> None:
+    final = stages(DOCKERFILES["bundle"])[-1]
+    users = [a for w, a in final if w == "USER"]
+    assert users and users[-1].split(":")[0] not in {"0", "root"}
+    assert "manifest.json" in DOCKERFILES["bundle"].read_text()
+
+
+@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+def test_copy_sources_exist_and_reach_the_build_context(name: str) -> None:
+    """Every COPY from the build context names a path that exists and .dockerignore lets through."""
+    ignore = read_dockerignore()
+    for stage in stages(DOCKERFILES[name]):
+        for word, args in stage:
+            if word != "COPY" or "--from=" in args:
+                continue
+            parts = [p for p in shlex.split(args) if not p.startswith("--")]
+            for src in parts[:-1]:
+                assert (ROOT / src).exists(), f"{name}: COPY {src}: no such path in the repository"
+                assert not dockerignore_excludes(src, ignore), f"{name}: .dockerignore drops {src}"
+                if (ROOT / src).is_dir():
+                    files = [p for p in (ROOT / src).rglob("*.py")]
+                    for f in files[:50]:
+                        rel = f.relative_to(ROOT).as_posix()
+                        if "__pycache__" not in rel:
+                            assert not dockerignore_excludes(rel, ignore), rel
+
+
+def test_dockerignore_keeps_data_and_secrets_out() -> None:
+    ignore = read_dockerignore()
+    for path in [".venv/bin/python", "bundles/ml-100k/manifest.json", ".git/HEAD", "runs/x/y",
+                 "docker/.env", "tests/test_x.py", "models/__pycache__/x.pyc"]:
+        assert dockerignore_excludes(path, ignore), f"{path} would be sent to the Docker daemon"
+    for path in ["pyproject.toml", "models/bundle.py", "service/app.py", "letterrec/cli.py",
+                 "docker/bundle-placeholder/README.md"]:
+        assert not dockerignore_excludes(path, ignore), f"{path} is needed by the image build"
