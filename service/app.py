@@ -1,0 +1,258 @@
+"""The FastAPI application: `create_app(settings)` builds one instance; the lifespan loads the
+bundle, the store, the engine and the tokenizer, and shuts them down in order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException, Request, status
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from models.bundle import Bundle, BundleError
+from service.batcher import MicroBatcher, QueueFull, ShuttingDown
+from service.deps import ServiceState
+from service.engines.base import DecodeEngine, DecodeRequest, Recommendation
+from service.metrics import Metrics, MetricsMiddleware
+from service.routes import ROUTERS
+from service.serving import Conflict, ServingRecommend, ServingTokenize, Unavailable
+from service.settings import Settings
+from service.store import CatalogueStore, LiveCatalogue
+
+log = logging.getLogger(__name__)
+
+
+def model_version(bundle: Bundle) -> str:
+    """`<git commit, 12 chars>@<created_at>` of the bundle's manifest."""
+    m = bundle.manifest
+    return f"{(m.git_commit or 'unknown')[:12]}@{m.created_at}"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """One app instance; `settings=None` reads `LETTERREC_*` from the environment at start-up."""
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings = settings or Settings()
+        state = await _start(app.state.settings, metrics)
+        app.state.letterrec = state
+        try:
+            yield
+        finally:
+            await _stop(state)
+
+    app = FastAPI(
+        title="letterrec",
+        summary="LETTER generative recommendation: next items by trie-constrained beam search",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.metrics = metrics
+    app.state.settings = settings
+    for router in ROUTERS:
+        app.include_router(router)
+    _add_error_handlers(app)
+    app.add_middleware(BodySizeLimit, limit=lambda: _body_limit(app))
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+def _body_limit(app: FastAPI) -> int:
+    s = app.state.settings
+    return s.max_body_bytes if s is not None else Settings.model_fields["max_body_bytes"].default
+
+
+async def _start(settings: Settings, metrics: Metrics) -> ServiceState:
+    logging.getLogger("service").setLevel(settings.log_level.upper())
+    if settings.bundle is None:
+        raise RuntimeError("no bundle given: set LETTERREC_BUNDLE or pass --bundle PATH")
+    try:
+        bundle = await asyncio.to_thread(Bundle.load, settings.bundle)
+    except BundleError as e:
+        raise RuntimeError(f"cannot serve: {e}") from e
+    store = await _make_store(settings, bundle, metrics)
+    engine = await asyncio.to_thread(_make_engine, settings, bundle)
+    tokenizer = await asyncio.to_thread(_load_tokenizer, settings, bundle.tokenizer_dir)
+    batcher: MicroBatcher[DecodeRequest, list[Recommendation]] = MicroBatcher(
+        _run_batch(engine, store.live),
+        max_batch=settings.max_batch_size,
+        max_wait_s=settings.max_wait_ms / 1000.0,
+        queue_size=settings.queue_size,
+        metrics=metrics,
+        engine_name=settings.engine,
+    )
+    version = model_version(bundle)
+    state = ServiceState(
+        settings=settings,
+        metrics=metrics,
+        store=store,
+        engine=engine,
+        batcher=batcher,
+        recommend=ServingRecommend(
+            store, bundle.vocab, batcher, version, settings.request_timeout_s
+        ),
+        tokenize=ServingTokenize(store, tokenizer, metrics),
+        model_version=version,
+        info={"bundle": str(bundle.root), "device": settings.resolved_device()},
+    )
+    await store.start()
+    await asyncio.to_thread(_warmup, engine, store.live)
+    state.engine_warm = True
+    batcher.start()
+    _bind_gauges(metrics, state)
+    log.info(
+        "serving %s (%d items, engine %s on %s, store %s)",
+        bundle.root, store.live.n_active, settings.engine, state.info["device"], store.kind,
+    )
+    return state
+
+
+async def _stop(state: ServiceState) -> None:
+    """Graceful: stop accepting, finish queued requests, then release engine and store."""
+    state.accepting = False
+    await state.batcher.close(state.settings.shutdown_timeout_s)
+    await state.store.close()
+    await asyncio.to_thread(state.engine.close)
+    log.info("shut down cleanly")
+
+
+async def _make_store(settings: Settings, bundle: Bundle, metrics: Metrics) -> CatalogueStore:
+    n = bundle.vocab.codebook_size
+    if settings.redis_url is None:
+        live = await asyncio.to_thread(LiveCatalogue.from_bundle, bundle.catalogue, n)
+        return CatalogueStore(live)
+    from service.store_redis import RedisStore, bundle_fingerprint
+
+    return await RedisStore.create(
+        bundle.catalogue,
+        n,
+        url=settings.redis_url.get_secret_value(),
+        namespace=settings.redis_namespace,
+        fingerprint=bundle_fingerprint(bundle.catalogue, bundle.manifest.created_at),
+        metrics=metrics,
+        timeout_s=settings.redis_timeout_s,
+        sync_interval_s=settings.sync_interval_s,
+    )
+
+
+def _make_engine(settings: Settings, bundle: Bundle) -> DecodeEngine:
+    from service.engines import load_engine_class
+
+    if not bundle.has_lm():
+        raise RuntimeError(f"{bundle.root}: the bundle has no recommender (lm/config.json)")
+    engine_cls = load_engine_class(settings.engine)
+    return engine_cls(
+        bundle.lm_dir,
+        bundle.vocab,
+        device=settings.resolved_device(),
+        dtype=settings.dtype,
+        beam_width=settings.beam_width,
+        max_batch=settings.max_batch_size,
+    )
+
+
+def _load_tokenizer(settings: Settings, path: Path):  # noqa: ANN202 - ItemTokenizer | None
+    if not (path / "config.json").exists():
+        log.warning("%s: no item tokenizer in the bundle; /tokenize answers 503", path)
+        return None
+    from models.item_tokenizer import ItemTokenizer
+
+    tokenizer = ItemTokenizer.load(path, device=settings.resolved_tokenizer_device())
+    tokenizer.encode([{"item_id": "warmup", "title": "warm-up"}])  # loads the text encoder now
+    return tokenizer
+
+
+def _run_batch(
+    engine: DecodeEngine, live: LiveCatalogue
+) -> Callable[[Sequence[DecodeRequest]], list[list[Recommendation]]]:
+    def run(requests: Sequence[DecodeRequest]) -> list[list[Recommendation]]:
+        with live.lock:  # no trie update while the engine reads it
+            return engine.recommend(requests, live.trie)
+
+    return run
+
+
+def _warmup(engine: DecodeEngine, live: LiveCatalogue) -> None:
+    with live.lock:
+        engine.warmup(live.trie)
+
+
+def _bind_gauges(metrics: Metrics, state: ServiceState) -> None:
+    live = state.store.live
+    metrics.catalogue_items.set_function(lambda: live.n_active)
+    metrics.trie_version.set_function(lambda: live.trie.version)
+    metrics.ready.set_function(lambda: 1.0 if state.ready() else 0.0)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    def unavailable(message: str, retry_after: int = 1) -> JSONResponse:
+        return JSONResponse(
+            {"detail": message},
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": str(retry_after)},
+        )
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+        return unavailable(str(exc), exc.retry_after_s)
+
+    @app.exception_handler(ShuttingDown)
+    async def _shutting_down(request: Request, exc: ShuttingDown) -> JSONResponse:
+        return unavailable(str(exc))
+
+    @app.exception_handler(Unavailable)
+    async def _unavailable(request: Request, exc: Unavailable) -> JSONResponse:
+        return unavailable(str(exc))
+
+    @app.exception_handler(TimeoutError)
+    async def _timeout(request: Request, exc: TimeoutError) -> JSONResponse:
+        return JSONResponse(
+            {"detail": "the request was not decoded within request_timeout_s; retry later"},
+            status.HTTP_504_GATEWAY_TIMEOUT,
+        )
+
+    @app.exception_handler(Conflict)
+    async def _conflict(request: Request, exc: Conflict) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status.HTTP_409_CONFLICT)
+
+
+class BodySizeLimit:
+    """Pure ASGI middleware: 413 for bodies over the limit (declared or streamed)."""
+
+    def __init__(self, app: ASGIApp, limit: Callable[[], int]) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit()
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            response = JSONResponse(
+                {"detail": f"request body larger than {limit} bytes (max_body_bytes)"},
+                status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+            )
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise HTTPException(
+                        status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+                        f"request body larger than {limit} bytes (max_body_bytes)",
+                    )
+            return message
+
+        await self.app(scope, limited_receive, send)

@@ -1,0 +1,97 @@
+"""FastAPI dependencies: the per-app state built in the lifespan, as Annotated aliases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.auth import check_api_key
+from service.batcher import MicroBatcher
+from service.engines.base import DecodeEngine
+from service.metrics import Metrics
+from service.serving import ServingRecommend, ServingTokenize
+from service.settings import Settings
+from service.store import CatalogueStore
+
+
+@dataclass
+class ServiceState:
+    """Long-lived objects of one app instance (created in the lifespan, kept on app.state)."""
+
+    settings: Settings
+    metrics: Metrics
+    store: CatalogueStore
+    engine: DecodeEngine
+    batcher: MicroBatcher[Any, Any]
+    recommend: ServingRecommend
+    tokenize: ServingTokenize
+    model_version: str
+    engine_warm: bool = False
+    accepting: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def checks(self) -> dict[str, bool]:
+        return {
+            "bundle_loaded": True,
+            "engine_warm": self.engine_warm,
+            "store_reachable": self.store.healthy,
+            "accepting": self.accepting,
+        }
+
+    def ready(self) -> bool:
+        return all(self.checks().values())
+
+
+def get_state(request: Request) -> ServiceState:
+    state = getattr(request.app.state, "letterrec", None)
+    if state is None:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, "the service is starting", {"Retry-After": "1"}
+        )
+    return state
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]
+
+
+def get_settings(state: StateDep) -> Settings:
+    return state.settings
+
+
+def get_recommend(state: StateDep) -> ServingRecommend:
+    return state.recommend
+
+
+def get_tokenize(state: StateDep) -> ServingTokenize:
+    return state.tokenize
+
+
+def get_store(state: StateDep) -> CatalogueStore:
+    return state.store
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RecommendDep = Annotated[ServingRecommend, Depends(get_recommend)]
+TokenizeDep = Annotated[ServingTokenize, Depends(get_tokenize)]
+StoreDep = Annotated[CatalogueStore, Depends(get_store)]
+
+_bearer = HTTPBearer(auto_error=False, description="API key from LETTERREC_API_KEYS")
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _header(creds: HTTPAuthorizationCredentials | None) -> str | None:
+    return None if creds is None else f"{creds.scheme} {creds.credentials}"
+
+
+def require_write_key(settings: SettingsDep, creds: BearerDep) -> None:
+    """Write routes always need a valid API key."""
+    check_api_key(_header(creds), settings.key_values())
+
+
+def require_read_key(settings: SettingsDep, creds: BearerDep) -> None:
+    """/recommend needs a key only when `require_key_for_recommend` is set."""
+    if settings.require_key_for_recommend:
+        check_api_key(_header(creds), settings.key_values())

@@ -1,0 +1,42 @@
+"""GET /healthz, /readyz, /metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response, status
+from fastapi.responses import JSONResponse
+
+from service.schemas import Health, Readiness
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz")
+async def healthz() -> Health:
+    """The process is alive (no dependency is checked)."""
+    return Health()
+
+
+@router.get("/readyz", responses={503: {"model": Readiness, "description": "Not ready"}})
+async def readyz(request: Request) -> Response:
+    """Bundle loaded, engine warmed, Redis reachable when configured, not shutting down."""
+    state = getattr(request.app.state, "letterrec", None)
+    if state is None:
+        body = Readiness(ready=False, checks={"bundle_loaded": False})
+    else:
+        live = state.store.live
+        body = Readiness(
+            ready=state.ready(),
+            checks=state.checks(),
+            model_version=state.model_version,
+            catalogue_items=live.n_active,
+            catalogue_version=state.store.version,
+        )
+    code = status.HTTP_200_OK if body.ready else status.HTTP_503_SERVICE_UNAVAILABLE
+    return JSONResponse(body.model_dump(), status_code=code)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition of this app's registry."""
+    data, content_type = request.app.state.metrics.render()
+    return Response(data, media_type=content_type)

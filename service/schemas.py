@@ -1,0 +1,157 @@
+"""Request and response bodies of the HTTP API (the protocol layer).
+
+Limits (documented in the OpenAPI schema and enforced here, so a malformed request gets a 422
+whose `detail[].loc` names the field):
+- item ids: 1..256 characters, no control characters;
+- history and exclude: at most 1000 item ids each; k: 1..100;
+- /recommend/batch: at most 256 requests; /tokenize: at most 256 items;
+- text fields: at most 10,000 characters; at most 32 extra text fields per item.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+MAX_HISTORY = 1000
+MAX_EXCLUDE = 1000
+MAX_K = 100
+MAX_BATCH_REQUESTS = 256
+MAX_TOKENIZE_ITEMS = 256
+MAX_TEXT_CHARS = 10_000
+MAX_EXTRA_FIELDS = 32
+MAX_ITEM_ID_CHARS = 256
+
+ItemId = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=MAX_ITEM_ID_CHARS, pattern=r"^[^\x00-\x1f\x7f]+$"),
+]
+Text = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class RecommendRequest(_Strict):
+    """One user's recent items, oldest first; returns the k most likely next items."""
+
+    history: list[ItemId] = Field(default_factory=list, max_length=MAX_HISTORY)
+    """Item ids the user interacted with, oldest first. Unknown ids are ignored and listed."""
+    k: int = Field(10, ge=1, le=MAX_K)
+    """How many items to return."""
+    exclude: list[ItemId] = Field(default_factory=list, max_length=MAX_EXCLUDE)
+    """Item ids that must not be returned (exact: excluded inside the search)."""
+    exclude_history: bool = True
+    """Also exclude the (known) history items."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"history": ["1", "2"], "k": 10, "exclude": []}]}
+    )
+
+
+class RecommendedItem(BaseModel):
+    item_id: str
+    score: float
+    """Sum over the identifier's tokens of the masked log-softmax (a log-probability)."""
+    codes: list[int]
+    title: str
+
+
+class RecommendResponse(BaseModel):
+    items: list[RecommendedItem]
+    model_version: str
+    ignored_history: list[str]
+    """History ids that are not in the catalogue (ignored)."""
+
+
+class BatchRecommendRequest(_Strict):
+    requests: list[RecommendRequest] = Field(min_length=1, max_length=MAX_BATCH_REQUESTS)
+
+
+class BatchRecommendResponse(BaseModel):
+    responses: list[RecommendResponse]
+    model_version: str
+
+
+class TokenizeItem(BaseModel):
+    """An item's text. Fields besides item_id, title and description must be strings too; the
+    bundle's text template decides which of them the tokenizer reads."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    item_id: ItemId
+    title: Text = ""
+    description: Text = ""
+
+    @model_validator(mode="after")
+    def _check_extra(self) -> TokenizeItem:
+        extra = self.__pydantic_extra__ or {}
+        if len(extra) > MAX_EXTRA_FIELDS:
+            raise ValueError(f"at most {MAX_EXTRA_FIELDS} extra fields, got {len(extra)}")
+        for name, value in extra.items():
+            if len(name) > 64:
+                raise ValueError(f"extra field name longer than 64 characters: {name[:64]!r}...")
+            if not isinstance(value, str):
+                raise ValueError(f"field {name!r} must be a string, got {type(value).__name__}")
+            if len(value) > MAX_TEXT_CHARS:
+                raise ValueError(f"field {name!r} is longer than {MAX_TEXT_CHARS} characters")
+        return self
+
+    def fields(self) -> dict[str, Any]:
+        """All fields as one mapping, as the tokenizer's text template expects."""
+        return {**(self.__pydantic_extra__ or {}), **self.model_dump(exclude_unset=False)}
+
+
+class TokenizeRequest(_Strict):
+    items: list[TokenizeItem] = Field(min_length=1, max_length=MAX_TOKENIZE_ITEMS)
+    dry_run: bool = False
+    """Compute codes (and conflicts) without storing anything."""
+    replace: bool = False
+    """Re-tokenize items whose id exists with a different text (the old identifier retires)."""
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> TokenizeRequest:
+        seen: set[str] = set()
+        for i, item in enumerate(self.items):
+            if item.item_id in seen:
+                raise ValueError(f"items[{i}].item_id {item.item_id!r} appears twice")
+            seen.add(item.item_id)
+        return self
+
+
+TokenizeStatus = Literal["created", "existing", "replaced"]
+
+
+class TokenizedItem(BaseModel):
+    item_id: str
+    codes: list[int]
+    status: TokenizeStatus
+    """created: new item; existing: same id and text already stored; replaced: new codes."""
+
+
+class TokenizeResponse(BaseModel):
+    items: list[TokenizedItem]
+    dry_run: bool
+    catalogue_version: int
+    """Store version after this request (unchanged for a dry run)."""
+
+
+class ItemResponse(BaseModel):
+    item_id: str
+    codes: list[int]
+    title: str
+    source: Literal["bundle", "tokenized"]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    ready: bool
+    checks: dict[str, bool]
+    model_version: str | None = None
+    catalogue_items: int = 0
+    catalogue_version: int = 0

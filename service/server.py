@@ -1,0 +1,70 @@
+"""Start the service under uvicorn: `run(bundle, host, port, **overrides)`.
+
+`letterrec serve --bundle PATH` calls `run`; `python -m service --bundle PATH` does the same.
+Overrides are Settings fields (e.g. `engine="vllm"`, `redis_url="redis://..."`); anything not
+given comes from `LETTERREC_*` environment variables, then the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from service.app import create_app
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def build_settings(bundle: str | Path, **overrides: Any) -> Settings:
+    """Settings from the environment, with `bundle` and `overrides` on top (validated)."""
+    unknown = sorted(set(overrides) - set(Settings.model_fields))
+    if unknown:
+        raise ValueError(
+            f"unknown setting(s) {unknown}; valid ones: {sorted(Settings.model_fields)}"
+        )
+    return Settings(bundle=Path(bundle), **overrides)  # init values win over the environment
+
+
+def run(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, **overrides: Any) -> None:
+    """Serve `bundle` on host:port until SIGINT/SIGTERM (graceful: queued requests finish)."""
+    settings = build_settings(bundle, **overrides)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    config = uvicorn.Config(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+        access_log=False,
+        proxy_headers=True,
+    )
+    uvicorn.Server(config).run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    parser.add_argument("--bundle", required=True, help="bundle directory")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--engine", default=None, help="torch or vllm")
+    parser.add_argument("--device", default=None, help="auto, cpu or cuda")
+    parser.add_argument("--redis-url", default=None)
+    args = parser.parse_args(argv)
+    overrides = {
+        k: v
+        for k, v in {"engine": args.engine, "device": args.device, "redis_url": args.redis_url}.items()
+        if v is not None
+    }
+    run(args.bundle, args.host, args.port, **overrides)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""Serving classes: turn validated requests into engine and store calls (no HTTP here).
+
+`ServingRecommend` maps item ids to catalogue rows, builds prompts and exact exclusions, and
+hands `DecodeRequest`s to the micro-batcher. `ServingTokenize` plans a /tokenize request against
+the synced catalogue (idempotent repeats, conflicts, replacements), encodes the new texts, and
+commits the result to the store before anything is acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from models.vocab import CodeVocab
+from service.batcher import MicroBatcher
+from service.engines.base import DecodeRequest, Recommendation
+from service.metrics import Metrics
+from service.schemas import (
+    BatchRecommendResponse,
+    RecommendedItem,
+    RecommendRequest,
+    RecommendResponse,
+    TokenizedItem,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from service.store import CatalogueStore, Entry, StaleVersion, StoreUnavailable, text_hash
+
+log = logging.getLogger(__name__)
+
+COMMIT_ATTEMPTS = 4
+
+
+class Conflict(Exception):
+    """A /tokenize item clashes with what is stored; `detail` names the items."""
+
+    def __init__(self, detail: list[dict[str, Any]]) -> None:
+        super().__init__("; ".join(d["msg"] for d in detail))
+        self.detail = detail
+
+
+class Unavailable(Exception):
+    """A dependency (tokenizer, store) cannot serve the request now."""
+
+
+class Tokenizer(Protocol):
+    """What /tokenize needs of models.item_tokenizer.ItemTokenizer."""
+
+    levels: int
+
+    def item_text(self, item: Any) -> str: ...
+
+    def encode(self, items: Sequence[Any], is_taken: Any = None) -> np.ndarray: ...
+
+
+class ServingRecommend:
+    def __init__(
+        self,
+        store: CatalogueStore,
+        vocab: CodeVocab,
+        batcher: MicroBatcher[DecodeRequest, list[Recommendation]],
+        model_version: str,
+        timeout_s: float,
+    ) -> None:
+        self.store = store
+        self.vocab = vocab
+        self.batcher = batcher
+        self.model_version = model_version
+        self.timeout_s = timeout_s
+
+    def build(self, req: RecommendRequest) -> tuple[DecodeRequest, list[str]]:
+        """Prompt from the known history, exclusions as rows; unknown history ids listed."""
+        live = self.store.live
+        rows: list[int] = []
+        ignored: list[str] = []
+        for item_id in req.history:
+            row = live.row_of(item_id)
+            if row is not None:
+                rows.append(row)
+            elif item_id not in ignored:
+                ignored.append(item_id)
+        exclude = {r for r in map(live.row_of, req.exclude) if r is not None}
+        if req.exclude_history:
+            exclude.update(rows)
+        recent = rows[-self.vocab.history_items :] if self.vocab.history_items else []
+        prompt = self.vocab.prompt(live.codes_rows(recent))
+        return DecodeRequest(prompt=prompt, k=req.k, exclude=frozenset(exclude)), ignored
+
+    def respond(self, recs: Sequence[Recommendation], ignored: list[str]) -> RecommendResponse:
+        live = self.store.live
+        items = []
+        for r in recs:
+            view = live.item(r.item_index)
+            items.append(
+                RecommendedItem(
+                    item_id=view.item_id, score=r.score, codes=list(view.codes), title=view.title
+                )
+            )
+        return RecommendResponse(
+            items=items, model_version=self.model_version, ignored_history=ignored
+        )
+
+    async def recommend(self, req: RecommendRequest) -> RecommendResponse:
+        decode_req, ignored = self.build(req)
+        recs = await self.batcher.submit(decode_req, self.timeout_s)
+        return self.respond(recs, ignored)
+
+    async def recommend_batch(self, reqs: Sequence[RecommendRequest]) -> BatchRecommendResponse:
+        built = [self.build(r) for r in reqs]
+        results = await self.batcher.submit_many([b[0] for b in built], self.timeout_s)
+        return BatchRecommendResponse(
+            responses=[self.respond(recs, b[1]) for recs, b in zip(results, built, strict=True)],
+            model_version=self.model_version,
+        )
+
+
+@dataclass
+class _Plan:
+    statuses: list[str]
+    codes: list[tuple[int, ...]]
+    entries: list[Entry] = field(default_factory=list)
+
+
+class ServingTokenize:
+    def __init__(
+        self, store: CatalogueStore, tokenizer: Tokenizer | None, metrics: Metrics
+    ) -> None:
+        self.store = store
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        if self.tokenizer is None:
+            raise Unavailable("this bundle has no item tokenizer (tokenizer/), /tokenize is off")
+        async with self.store.writer:
+            for _ in range(COMMIT_ATTEMPTS):
+                try:
+                    await self.store.sync()
+                except StoreUnavailable as e:
+                    raise Unavailable(str(e)) from e
+                plan = await asyncio.to_thread(self._plan, req)
+                if req.dry_run or not plan.entries:
+                    return self._response(req, plan)
+                try:
+                    await self.store.commit(plan.entries)
+                except StoreUnavailable as e:
+                    raise Unavailable(str(e)) from e
+                except StaleVersion:
+                    continue
+                self.metrics.tokenized_items.inc(len(plan.entries))
+                return self._response(req, plan)
+        raise Unavailable("the catalogue store is busy with other writers; retry")
+
+    def _response(self, req: TokenizeRequest, plan: _Plan) -> TokenizeResponse:
+        items = [
+            TokenizedItem(item_id=it.item_id, codes=list(c), status=s)  # type: ignore[arg-type]
+            for it, c, s in zip(req.items, plan.codes, plan.statuses, strict=True)
+        ]
+        return TokenizeResponse(items=items, dry_run=req.dry_run, catalogue_version=self.store.version)
+
+    def _plan(self, req: TokenizeRequest) -> _Plan:
+        """Decide per item: existing (same id, same text), created, replaced, or a conflict.
+
+        Runs in a thread while the caller holds the store's writer lock, so the catalogue it
+        reads does not change underneath it.
+        """
+        assert self.tokenizer is not None
+        live = self.store.live
+        fields = [it.fields() for it in req.items]
+        hashes = [text_hash(self.tokenizer.item_text(f)) for f in fields]
+        n = len(req.items)
+        plan = _Plan(statuses=[""] * n, codes=[()] * n)
+        todo: list[int] = []
+        conflicts: list[dict[str, Any]] = []
+        for i, item in enumerate(req.items):
+            row = live.row_of(item.item_id)
+            view = live.item(row) if row is not None else None
+            if view is not None and view.text_hash == hashes[i]:
+                plan.statuses[i], plan.codes[i] = "existing", view.codes
+            elif view is not None and view.source == "tokenized" and not req.replace:
+                conflicts.append(_conflict(i, item.item_id, "was tokenized with a different text"))
+            else:
+                todo.append(i)
+        if conflicts:
+            raise Conflict(conflicts)
+        if todo:
+            self._encode(req, fields, hashes, todo, plan)
+        return plan
+
+    def _encode(
+        self,
+        req: TokenizeRequest,
+        fields: list[dict[str, Any]],
+        hashes: list[str],
+        todo: list[int],
+        plan: _Plan,
+    ) -> None:
+        assert self.tokenizer is not None
+        live = self.store.live
+        rows = {i: live.row_of(req.items[i].item_id) for i in todo}
+        # An item being re-tokenized may keep (or swap into) its own old identifier.
+        free = frozenset(r for r in rows.values() if r is not None)
+        codes = self.tokenizer.encode(
+            [fields[i] for i in todo], is_taken=lambda c: live.is_taken(tuple(c), free)
+        )
+        conflicts: list[dict[str, Any]] = []
+        for j, i in enumerate(todo):
+            item, row = req.items[i], rows[i]
+            new = tuple(int(c) for c in codes[j])
+            old = live.item(row).codes if row is not None else None
+            plan.codes[i] = new
+            if row is None:
+                plan.statuses[i] = "created"
+            elif old == new and row < live.n_bundle:
+                plan.statuses[i] = "existing"  # a bundle item whose text maps to its codes
+                continue
+            elif not req.replace:
+                conflicts.append(
+                    _conflict(i, item.item_id, f"is in the bundle with codes {list(old or ())}, "
+                              f"its text now maps to {list(new)}")
+                )
+                continue
+            else:
+                plan.statuses[i] = "replaced"
+            plan.entries.append(Entry(item.item_id, new, item.title, hashes[i]))
+        if conflicts:
+            raise Conflict(conflicts)
+        # Retire re-tokenized rows before new items may take their freed identifiers.
+        plan.entries.sort(key=lambda e: live.row_of(e.item_id) is None)
+
+
+def _conflict(i: int, item_id: str, why: str) -> dict[str, Any]:
+    return {
+        "loc": ["body", "items", i, "item_id"],
+        "msg": f"item_id {item_id!r} {why}; send replace=true to re-tokenize it",
+        "type": "conflict",
+    }

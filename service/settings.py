@@ -1,0 +1,111 @@
+"""Service settings: one pydantic-settings class, read from `LETTERREC_*` environment variables.
+
+Built in the app's lifespan (or passed to `create_app`), never at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the recommendation service can be told; env var = `LETTERREC_<FIELD>`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LETTERREC_",
+        extra="ignore",
+        use_attribute_docstrings=True,
+        validate_default=True,
+    )
+
+    bundle: Path | None = None
+    """Bundle directory written by the offline pipeline (manifest.json, catalogue, lm/, ...)."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the recommender runs; `auto` picks cuda when torch sees a GPU, else cpu."""
+
+    engine: str = Field("torch", min_length=1, max_length=32)
+    """Decoding engine name from `service.engines` (torch or vllm)."""
+
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Weight dtype for the decoding engine."""
+
+    beam_width: int = Field(20, ge=1, le=512)
+    """Beam width of the trie-constrained beam search."""
+
+    max_batch_size: int = Field(64, ge=1, le=4096)
+    """Most user requests decoded together in one batch."""
+
+    max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0)
+    """How long the first request of a batch waits for company before decoding starts."""
+
+    queue_size: int = Field(1024, ge=1, le=1_000_000)
+    """Requests allowed to wait for decoding; beyond it the service answers 503 + Retry-After."""
+
+    request_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
+    """Per-request limit on queueing plus decoding; past it the request gets 504."""
+
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    """Largest accepted request body; larger bodies get 413."""
+
+    redis_url: SecretStr | None = None
+    """Redis URL (redis://host:port/db). Unset: the catalogue and trie live in-process only."""
+
+    redis_namespace: str = Field("letterrec", min_length=1, max_length=64)
+    """Key prefix in Redis; the bundle fingerprint is appended so bundles never mix."""
+
+    redis_timeout_s: float = Field(1.0, gt=0.0, le=60.0)
+    """Socket connect/read timeout for Redis calls, so a dead Redis fails fast."""
+
+    sync_interval_s: float = Field(0.25, gt=0.0, le=60.0)
+    """Version-polling period towards Redis (pub/sub wakes replicas sooner)."""
+
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    """Comma-separated API keys accepted as `Authorization: Bearer <key>` on write routes."""
+
+    require_key_for_recommend: bool = False
+    """Also demand an API key on /recommend and /recommend/batch."""
+
+    tokenizer_device: Literal["auto", "cpu", "cuda"] = "cpu"
+    """Where the item tokenizer (text encoder + RQ-VAE) runs for /tokenize."""
+
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    """Log level of the service and of uvicorn."""
+
+    shutdown_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
+    """On shutdown, how long queued requests may take to finish before they are failed."""
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    def resolved_device(self) -> str:
+        """`auto` -> cuda when available, else cpu."""
+        return _resolve(self.device)
+
+    def resolved_tokenizer_device(self) -> str:
+        return _resolve(self.tokenizer_device)
+
+    def key_values(self) -> list[bytes]:
+        """The configured API keys as bytes, for constant-time comparison."""
+        return [k.get_secret_value().encode() for k in self.api_keys]
+
+
+def _resolve(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,46 @@
+"""API key parsing and constant-time matching."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi import HTTPException
+
+from service.auth import bearer_token, check_api_key, key_matches
+
+
+def test_bearer_token_parses_only_bearer_scheme() -> None:
+    assert bearer_token("Bearer abc") == b"abc"
+    assert bearer_token("bearer  abc ") == b"abc"
+    assert bearer_token("Basic abc") is None
+    assert bearer_token("Bearer") is None
+    assert bearer_token("") is None
+    assert bearer_token(None) is None
+
+
+def test_key_matches_any_configured_key() -> None:
+    keys = [b"first", b"second"]
+    assert key_matches(b"second", keys)
+    assert not key_matches(b"secon", keys)
+    assert not key_matches(b"", keys)
+    assert not key_matches(b"x", [])
+
+
+@pytest.mark.parametrize(
+    ("header", "keys", "fragment"),
+    [
+        (None, [b"k"], "missing"),
+        ("Bearer wrong", [b"k"], "not accepted"),
+        ("Token k", [b"k"], "missing"),
+        ("Bearer k", [], "LETTERREC_API_KEYS"),
+    ],
+)
+def test_check_api_key_rejects_with_reason(header: str | None, keys: list[bytes], fragment: str) -> None:
+    with pytest.raises(HTTPException) as err:
+        check_api_key(header, keys)
+    assert err.value.status_code == 401
+    assert fragment in str(err.value.detail)
+    assert err.value.headers == {"WWW-Authenticate": 'Bearer realm="letterrec"'}
+
+
+def test_check_api_key_accepts_a_configured_key() -> None:
+    check_api_key("Bearer k2", [b"k1", b"k2"])
