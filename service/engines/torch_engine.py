@@ -1,0 +1,119 @@
+"""The torch engine: batched, trie-constrained beam search in this process (CPU or CUDA).
+
+The search itself lives in `models.beam` (shared with evaluation); this class loads the model,
+validates requests, splits them into batches of at most `max_batch` and maps results to
+`Recommendation`s.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from models.beam import beam_search, make_decoder
+from models.trie import ItemTrie
+from models.vocab import CodeVocab
+from service.engines.base import DecodeEngine, DecodeRequest, Recommendation
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class TorchEngine(DecodeEngine):
+    """Shared-prefix beam search on an HF causal LM whose vocabulary follows `vocab`."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        vocab: CodeVocab,
+        device: str = "cpu",
+        dtype: str = "float32",
+        beam_width: int = 20,
+        max_batch: int = 256,
+    ) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        if beam_width < 1 or max_batch < 1:
+            raise ValueError(f"beam_width and max_batch must be >= 1, got {beam_width}, {max_batch}")
+        self.vocab = vocab
+        self.device = torch.device(device)
+        self.beam_width = beam_width
+        self.max_batch = max_batch
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[dtype])
+        self.model = model.to(self.device).eval()
+        cfg = self.model.config
+        if cfg.vocab_size < vocab.vocab_size:
+            raise ValueError(
+                f"{model_dir}: model vocabulary has {cfg.vocab_size} tokens but the code layout "
+                f"needs {vocab.vocab_size} (levels={vocab.levels}, N={vocab.codebook_size})"
+            )
+        self.max_prompt = getattr(cfg, "max_position_embeddings", 1 << 30) - vocab.levels
+        self.decoder = make_decoder(self.model)
+        log.info(
+            "torch engine: %s on %s (%s), decoder %s, beam %d",
+            cfg.model_type, self.device, dtype, type(self.decoder).__name__, beam_width,
+        )
+
+    def recommend(
+        self, requests: Sequence[DecodeRequest], trie: ItemTrie
+    ) -> list[list[Recommendation]]:
+        for i, r in enumerate(requests):
+            self._check(i, r)
+        out: list[list[Recommendation]] = []
+        for start in range(0, len(requests), self.max_batch):
+            out.extend(self._batch(requests[start : start + self.max_batch], trie))
+        return out
+
+    def _check(self, i: int, r: DecodeRequest) -> None:
+        if r.k < 1:
+            raise ValueError(f"request {i}: k must be >= 1, got {r.k}")
+        if not r.prompt or len(r.prompt) > self.max_prompt:
+            raise ValueError(
+                f"request {i}: prompt has {len(r.prompt)} tokens; need 1..{self.max_prompt}"
+            )
+        if min(r.prompt) < 0 or max(r.prompt) >= self.vocab.vocab_size:
+            raise ValueError(
+                f"request {i}: prompt tokens must be in 0..{self.vocab.vocab_size - 1}"
+            )
+
+    def _batch(
+        self, requests: Sequence[DecodeRequest], trie: ItemTrie
+    ) -> list[list[Recommendation]]:
+        k = max(r.k for r in requests)
+        result = beam_search(
+            self.decoder,
+            [r.prompt for r in requests],
+            trie,
+            self.vocab,
+            beam_width=self.beam_width,
+            k=k,
+            excludes=[r.exclude for r in requests],
+        )
+        items, scores = result.items.tolist(), result.scores.tolist()
+        out = []
+        for b, r in enumerate(requests):
+            pairs = zip(items[b][: r.k], scores[b][: r.k], strict=True)
+            out.append([Recommendation(i, s) for i, s in pairs if i >= 0])
+        return out
+
+    def warmup(self, trie: ItemTrie) -> None:
+        if trie.n_active:
+            prompt = [self.vocab.bos_id]
+            self.recommend([DecodeRequest(prompt=prompt, k=1)] * min(2, self.max_batch), trie)
+
+    def close(self) -> None:
+        self.decoder = None  # type: ignore[assignment]
+        self.model = None
+        gc.collect()
