@@ -114,9 +114,13 @@ class TextEncoder:
         from tqdm.auto import tqdm
 
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        # Batches of similar length waste little compute on padding; the mask keeps pooling
+        # independent of what a text is batched with.
+        order = np.argsort([len(t) for t in texts], kind="stable")
         starts = range(0, len(texts), self.batch_size)
         for s in tqdm(starts, desc="embed items", unit="batch", disable=not progress):
-            batch = list(texts[s : s + self.batch_size])
+            rows = order[s : s + self.batch_size]
+            batch = [texts[i] for i in rows]
             enc = self._tokenizer(
                 batch,
                 padding=True,
@@ -129,5 +133,5 @@ class TextEncoder:
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # [b, d]
             if self.normalize:
                 pooled = torch.nn.functional.normalize(pooled, dim=-1)
-            out[s : s + len(batch)] = pooled.float().cpu().numpy()
+            out[rows] = pooled.float().cpu().numpy()
         return out

@@ -1,0 +1,186 @@
+"""`letterrec`: one subcommand per offline stage, `pipeline` for all of them, `serve`, `demo`.
+
+A thin dispatcher: stage commands import training/, serve imports service/ only, lazily, so the
+serving process never loads training code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="LETTER generative recommendation: offline pipeline and serving.", no_args_is_help=True
+)
+console = Console(stderr=True)
+
+DataOpt = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        help="Dataset: a directory of LC-Rec JSON (X.inter.json, X.item.json) or RecBole atomic "
+        "files (X.inter, X.item), auto-detected; or 'ml-100k' (embedded).",
+    ),
+]
+OutOpt = Annotated[
+    Path, typer.Option("--out", help="Bundle directory to write (stages resume from it).")
+]
+ProfileOpt = Annotated[
+    str, typer.Option("--profile", help="Named configuration: 'full' (paper) or 'quick'.")
+]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="JSON experiment file overriding the profile.")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo stages whose outputs exist.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise typer.BadParameter(
+            f"device '{name}': use cpu, cuda, cuda:N or auto", param_hint="--device"
+        )
+    return name
+
+
+def _workspace(
+    data: str, out: Path, profile: str, config: Path | None, device: str, force: bool, quiet: bool
+):  # noqa: ANN202
+    from training.config import get_profile, load_config
+    from training.pipeline import Workspace
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(config) if config else get_profile(profile)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    return Workspace(
+        out=out,
+        cfg=cfg.with_device(_device(device)),
+        data_spec=data,
+        force=force,
+        progress=not quiet,
+    )
+
+
+def _summary(title: str, rows: dict[str, Any]) -> None:
+    table = Table(title=title, show_header=False)
+    for k, v in rows.items():
+        if isinstance(v, float):
+            v = f"{v:.4g}"
+        elif isinstance(v, dict | list):
+            v = json.dumps(v, default=float)[:160]
+        table.add_row(str(k), str(v))
+    console.print(table)
+
+
+def _run(stage: str, ws) -> dict[str, Any]:  # noqa: ANN001
+    from training import pipeline
+    from training.data import DataError
+
+    fn = {
+        "data": pipeline.stage_data,
+        "embed": pipeline.stage_embed,
+        "cf": pipeline.stage_cf,
+        "tokenizer": pipeline.stage_tokenizer,
+    }[stage]
+    try:
+        result = fn(ws)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        console.print(f"[red]error[/red] in stage '{stage}': {e}")
+        raise typer.Exit(2) from e
+    _summary(f"stage {stage}", {k: v for k, v in result.items() if k not in ("history", "config")})
+    return result
+
+
+STAGES = ["data", "embed", "cf", "tokenizer"]
+
+
+@app.command()
+def data(
+    data: DataOpt = "ml-100k",
+    out: OutOpt = Path("bundles/ml-100k"),
+    profile: ProfileOpt = "full",
+    config: ConfigOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Load and split a dataset; print its summary."""
+    _run("data", _workspace(data, out, profile, config, "cpu", False, quiet))
+
+
+@app.command()
+def embed(
+    data: DataOpt = "ml-100k",
+    out: OutOpt = Path("bundles/ml-100k"),
+    profile: ProfileOpt = "full",
+    config: ConfigOpt = None,
+    device: DeviceOpt = "cpu",
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Item text -> embeddings (cached on disk by encoder and text)."""
+    _run("embed", _workspace(data, out, profile, config, device, force, quiet))
+
+
+@app.command()
+def cf(
+    data: DataOpt = "ml-100k",
+    out: OutOpt = Path("bundles/ml-100k"),
+    profile: ProfileOpt = "full",
+    config: ConfigOpt = None,
+    device: DeviceOpt = "cpu",
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train SASRec; CF item embeddings plus the SASRec baseline metrics."""
+    _run("cf", _workspace(data, out, profile, config, device, force, quiet))
+
+
+@app.command()
+def tokenizer(
+    data: DataOpt = "ml-100k",
+    out: OutOpt = Path("bundles/ml-100k"),
+    profile: ProfileOpt = "full",
+    config: ConfigOpt = None,
+    device: DeviceOpt = "cpu",
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train the LETTER tokenizer; write tokenizer/, catalogue.parquet, manifest.json, report/."""
+    _run("tokenizer", _workspace(data, out, profile, config, device, force, quiet))
+
+
+@app.command()
+def pipeline(
+    data: DataOpt = "ml-100k",
+    out: OutOpt = Path("bundles/ml-100k"),
+    profile: ProfileOpt = "full",
+    config: ConfigOpt = None,
+    device: DeviceOpt = "cpu",
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """All offline stages in order; each resumes from its saved output."""
+    ws = _workspace(data, out, profile, config, device, force, quiet)
+    for stage in STAGES:
+        _run(stage, ws)
+    console.print(f"[green]bundle ready[/green]: {out}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

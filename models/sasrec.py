@@ -1,0 +1,76 @@
+"""SASRec (Kang & McAuley, 2018): self-attentive sequential recommendation.
+
+Used for the CF item embeddings the LETTER tokenizer aligns with, and as a baseline. Item row r
+is embedded at index r + 1; index 0 is padding. Scores are dot products with the (tied) item
+embeddings, trained with full softmax cross-entropy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class SASRecConfig:
+    n_items: int
+    dim: int = 32
+    """Item embedding size (LETTER aligns 32-d CF embeddings)."""
+    layers: int = 2
+    heads: int = 2
+    max_len: int = 50
+    dropout: float = 0.3
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SASRec(nn.Module):
+    def __init__(self, config: SASRecConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.item_emb = nn.Embedding(config.n_items + 1, config.dim, padding_idx=0)
+        self.pos_emb = nn.Embedding(config.max_len, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+        layer = nn.TransformerEncoderLayer(
+            config.dim,
+            config.heads,
+            dim_feedforward=config.dim * 4,
+            dropout=config.dropout,
+            batch_first=True,
+            norm_first=True,
+            activation="gelu",
+        )
+        self.blocks = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(config.dim)
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+
+    def item_embeddings(self) -> torch.Tensor:
+        """[n_items, dim]: the CF embeddings (padding row dropped)."""
+        return self.item_emb.weight[1:]
+
+    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+        """seq [B, T] of item row + 1 (0 = pad, left-padded) -> hidden [B, T, D]."""
+        t = seq.shape[1]
+        pos = torch.arange(t, device=seq.device)
+        x = self.item_emb(seq) * self.config.dim**0.5 + self.pos_emb(pos)
+        x = self.dropout(x)
+        causal = torch.triu(torch.ones(t, t, dtype=torch.bool, device=seq.device), 1)
+        x = self.blocks(x, mask=causal)
+        return self.norm(x)
+
+    def calculate_loss(self, seq: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Next-item CE at every non-pad position. seq, target [B, T]; target 0 = ignore."""
+        h = self.forward(seq)
+        keep = target > 0  # [B, T]
+        logits = h[keep] @ self.item_embeddings().t()  # [P, n_items]
+        return F.cross_entropy(logits, target[keep] - 1)
+
+    @torch.no_grad()
+    def full_sort_predict(self, seq: torch.Tensor) -> torch.Tensor:
+        """Scores [B, n_items] for the item after the last position of left-padded `seq`."""
+        return self.forward(seq)[:, -1] @ self.item_embeddings().t()

@@ -1,0 +1,63 @@
+"""k-means and balanced (equal-size) clustering of codebook vectors.
+
+LETTER re-runs `k_means_constrained` (a min-cost-flow solver) on every epoch, which dominates
+its tokenizer training time. Clustering N=256 code vectors into K balanced groups is an
+assignment problem: K-means centroids, then an exact min-cost assignment of the N codes to
+K * ceil(N/K) slots with scipy's `linear_sum_assignment` (Jonker-Volgenant), a few
+milliseconds. The same function initialises codebooks (k-means on latents).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+
+def kmeans(
+    x: torch.Tensor, k: int, iters: int = 25, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means with k-means++ seeding. x [M, D] -> centers [k, D], labels [M].
+
+    With M < k the missing centres are copies of data points plus tiny noise.
+    """
+    m = x.shape[0]
+    if m == 0:
+        raise ValueError("k-means on an empty set")
+    centers = [x[torch.randint(m, (1,), generator=generator)].squeeze(0)]
+    d2 = ((x - centers[0]) ** 2).sum(-1)
+    for _ in range(1, k):
+        probs = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1.0 / m)
+        i = torch.multinomial(probs, 1, generator=generator)
+        centers.append(x[i].squeeze(0))
+        d2 = torch.minimum(d2, ((x - centers[-1]) ** 2).sum(-1))
+    c = torch.stack(centers)
+    labels = torch.zeros(m, dtype=torch.long)
+    for _ in range(iters):
+        labels = torch.cdist(x, c).argmin(-1)
+        sums = torch.zeros_like(c).index_add_(0, labels, x)
+        counts = torch.bincount(labels, minlength=k).unsqueeze(-1).to(x.dtype)
+        empty = counts.squeeze(-1) == 0
+        c = torch.where(empty.unsqueeze(-1), c, sums / counts.clamp(min=1))
+    return c, labels
+
+
+def balanced_labels(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0) -> torch.Tensor:
+    """Cluster x [N, D] into k clusters of sizes floor(N/k) or ceil(N/k). -> labels [N]."""
+    n = x.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    xd = x.detach().float().cpu()
+    centers, _ = kmeans(xd, k, iters, gen)
+    cap = -(-n // k)  # ceil
+    for _ in range(max(1, iters // 3)):
+        cost = torch.cdist(xd, centers).pow(2).numpy()  # [N, k]
+        slots = np.repeat(cost, cap, axis=1)  # [N, k * cap]
+        rows, cols = linear_sum_assignment(slots)
+        labels = np.empty(n, dtype=np.int64)
+        labels[rows] = cols // cap
+        lab = torch.from_numpy(labels)
+        for j in range(k):
+            members = xd[lab == j]
+            if len(members):
+                centers[j] = members.mean(0)
+    return torch.from_numpy(labels)

@@ -1,0 +1,188 @@
+"""The offline stages, each resumable: outputs go under BUNDLE/stages/ and a stage whose output
+exists is skipped (unless forced). The bundle files are written by the tokenizer stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.bundle import Bundle, Catalogue, Manifest
+from models.item_tokenizer import TextTemplate
+from models.text_encoder import TextEncoder
+from models.vocab import CodeVocab
+from training.cf import train_sasrec
+from training.config import PipelineConfig
+from training.data import Dataset, Split, k_core, leave_one_out, load_dataset
+from training.embed import embed_texts, item_texts
+from training.tokenizer import TokenizerResult, train_tokenizer
+from training.tokenizer_report import (
+    plot_code_frequency,
+    plot_spectrum,
+    tokenizer_report,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Workspace:
+    out: Path
+    cfg: PipelineConfig
+    data_spec: str
+    force: bool = False
+    progress: bool = True
+    _ds: Dataset | None = None
+
+    @property
+    def stages(self) -> Path:
+        return self.out / "stages"
+
+    def dataset(self) -> Dataset:
+        if self._ds is None:
+            ds = load_dataset(self.data_spec)
+            if self.cfg.k_core > 1:
+                ds = k_core(ds, self.cfg.k_core)
+            self._ds = ds
+        return self._ds
+
+    def split(self) -> Split:
+        return leave_one_out(self.dataset(), self.cfg.max_history)
+
+    def done(self, name: str) -> bool:
+        return not self.force and (self.stages / name).exists()
+
+
+def stage_data(ws: Workspace) -> dict[str, Any]:
+    ds = ws.dataset()
+    split = ws.split()
+    summary = {**ds.summary(), "eval_users": len(split.test)}
+    write_json(summary, ws.stages / "data.json")
+    return summary
+
+
+def stage_embed(ws: Workspace) -> dict[str, Any]:
+    path = ws.stages / "embeddings.npy"
+    if ws.done("embeddings.npy"):
+        return {"embeddings": str(path), "skipped": True}
+    ds = ws.dataset()
+    texts, fallbacks = item_texts(ds, TextTemplate(ws.cfg.text_fields))
+    encoder = TextEncoder(ws.cfg.encoder, device=ws.cfg.tokenizer.device)
+    t0 = time.perf_counter()
+    emb, hit = embed_texts(texts, encoder, progress=ws.progress)
+    ws.stages.mkdir(parents=True, exist_ok=True)
+    np.save(path, emb)
+    meta = {
+        "encoder": ws.cfg.encoder,
+        "encoder_fingerprint": encoder.fingerprint(),
+        "dim": int(emb.shape[1]),
+        "items": int(emb.shape[0]),
+        "text_fallbacks": fallbacks,
+        "cache_hit": hit,
+        "seconds": time.perf_counter() - t0,
+    }
+    write_json(meta, ws.stages / "embeddings.json")
+    return meta
+
+
+def stage_cf(ws: Workspace) -> dict[str, Any]:
+    if ws.done("cf.npy"):
+        return {**json.loads((ws.stages / "sasrec.json").read_text()), "skipped": True}
+    ds = ws.dataset()
+    res = train_sasrec(ws.split(), ds.n_items, ws.cfg.cf, progress=ws.progress)
+    ws.stages.mkdir(parents=True, exist_ok=True)
+    np.save(ws.stages / "cf.npy", res.embeddings)
+    summary = {
+        "valid": res.valid,
+        "test": res.test,
+        "epochs": res.epochs,
+        "seconds": res.seconds,
+        "config": res.config,
+        "history": res.history,
+    }
+    write_json(summary, ws.stages / "sasrec.json")
+    return summary
+
+
+def _train(
+    ws: Workspace, emb: np.ndarray, cf: np.ndarray | None, alpha: float, beta: float
+) -> TokenizerResult:
+    meta = json.loads((ws.stages / "embeddings.json").read_text())
+    tcfg = dataclasses.replace(ws.cfg.tokenizer, alpha=alpha, beta=beta)
+    return train_tokenizer(
+        emb,
+        cf,
+        tcfg,
+        encoder=ws.cfg.encoder,
+        encoder_fingerprint=meta["encoder_fingerprint"],
+        template=TextTemplate(ws.cfg.text_fields),
+        progress=ws.progress,
+    )
+
+
+def stage_tokenizer(ws: Workspace) -> dict[str, Any]:
+    if ws.done("tokenizer.json") and (ws.out / "manifest.json").exists():
+        return {**json.loads((ws.stages / "tokenizer.json").read_text()), "skipped": True}
+    ds = ws.dataset()
+    emb = np.load(ws.stages / "embeddings.npy")
+    cf = np.load(ws.stages / "cf.npy")
+    tcfg = ws.cfg.tokenizer
+    t0 = time.perf_counter()
+    main = _train(ws, emb, cf, tcfg.alpha, tcfg.beta)
+    wall = time.perf_counter() - t0
+    report = tokenizer_report(
+        main.tokenizer, emb, main.codes, main.greedy_codes, main.resolution.moved, cf
+    )
+    report.update(
+        {
+            "train_seconds": main.seconds,
+            "cluster_seconds": main.cluster_seconds,
+            "wall_seconds": wall,
+            "config": main.config,
+            "history": main.history,
+        }
+    )
+    codes_by_name = {f"LETTER (alpha={tcfg.alpha:g}, beta={tcfg.beta:g})": main.codes}
+    spectra = {"LETTER": report["latent_singular_values"]}
+    if ws.cfg.ablation:
+        plain = _train(ws, emb, cf, 0.0, 0.0)
+        ab = tokenizer_report(
+            plain.tokenizer, emb, plain.codes, plain.greedy_codes, plain.resolution.moved, cf
+        )
+        report["ablation_plain"] = {k: v for k, v in ab.items() if k != "latent_singular_values"}
+        report["cf_alignment"] = {
+            "with_alpha": report["cf_code_overlap"],
+            "alpha_zero": ab["cf_code_overlap"],
+        }
+        codes_by_name["RQ-VAE (alpha=0, beta=0)"] = plain.codes
+        spectra["RQ-VAE"] = ab["latent_singular_values"]
+    report_dir = ws.out / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    plot_code_frequency(codes_by_name, tcfg.codebook_size, report_dir / "code_frequency.png")
+    plot_spectrum(spectra, report_dir / "latent_spectrum.png")
+    write_json(report, report_dir / "tokenizer.json")
+
+    main.tokenizer.save(ws.out / "tokenizer")
+    vocab = CodeVocab(
+        levels=tcfg.levels, codebook_size=tcfg.codebook_size, history_items=ws.cfg.max_history
+    )
+    catalogue = Catalogue(ds.item_ids, main.codes, [str(it.get("title", "")) for it in ds.items])
+    manifest = Manifest(vocab=vocab, config=ws.cfg.to_dict(), data=ds.summary())
+    Bundle(ws.out, manifest, catalogue).save()
+    summary = {
+        "items": report["items"],
+        "unique_ids": report["unique_ids"],
+        "levels": report["levels"],
+        "collisions": report["collisions"],
+        "recon_mse": report["recon_mse"],
+        "cf_alignment": report.get("cf_alignment"),
+        "wall_seconds": wall,
+    }
+    write_json(summary, ws.stages / "tokenizer.json")
+    return summary
