@@ -1,0 +1,100 @@
+"""The recommender end to end on data whose answer is known, and its saved format."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from models.recommender import RecommenderConfig, save_lm, token_strings
+from models.trie import ItemTrie
+from models.vocab import CodeVocab
+from tests.lmfactory import random_catalogue
+from training.lm import LMTrainConfig, evaluate_pairs, ranking_guided_loss, train_lm, windows
+from training.metrics import ranks_from_lists, recall_at
+
+N_ITEMS = 40
+VOCAB = CodeVocab(levels=2, codebook_size=8, history_items=5)
+
+
+def successor_data(seed: int = 0):
+    """Users walk the catalogue: item i is always followed by item i + 1 (mod N)."""
+    rng = np.random.default_rng(seed)
+    seqs = []
+    for _ in range(300):
+        start, length = int(rng.integers(N_ITEMS)), int(rng.integers(4, 9))
+        seqs.append([(start + j) % N_ITEMS for j in range(length)])
+    train = [s[:-2] for s in seqs]
+    valid = [(s[:-2][-5:], s[-2]) for s in seqs]
+    test = [(s[:-1][-5:], s[-1]) for s in seqs]
+    return train, valid, test
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    codes = random_catalogue(N_ITEMS, VOCAB.levels, VOCAB.codebook_size, seed=3)
+    train, valid, test = successor_data()
+    cfg = LMTrainConfig(
+        model=RecommenderConfig(hidden=32, layers=2, heads=2, intermediate=64, dropout=0.0),
+        epochs=40,
+        batch_size=64,
+        lr=5e-3,
+        window_items=6,
+        eval_every=10,
+        eval_users=100,
+        patience=10,
+        beam_width=10,
+    )
+    result = train_lm(train, valid, codes, VOCAB, cfg, progress=False)
+    return result, codes, test
+
+
+def test_learns_the_successor_rule(trained):
+    result, codes, test = trained
+    trie = ItemTrie.from_codes(codes, VOCAB.codebook_size)
+    metrics, recs = evaluate_pairs(result.model, test, codes, VOCAB, trie, beam_width=10)
+    ranks = ranks_from_lists(recs, [t for _, t in test])
+    assert recall_at(ranks, 1) >= 0.95, metrics
+    assert all(len(r) == 10 and len(set(r)) == 10 for r in recs)
+
+
+def test_saved_lm_loads_with_transformers_and_gives_the_same_logits(tmp_path, trained):
+    result, _, _ = trained
+    path = save_lm(result.model, VOCAB, tmp_path / "lm")
+    loaded = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.tensor([[VOCAB.bos_id, 3, 11 + 3, 5]])
+    with torch.no_grad():
+        assert torch.allclose(result.model(ids).logits, loaded(ids).logits, atol=1e-5)
+    tok = AutoTokenizer.from_pretrained(path)
+    strings = token_strings(VOCAB)
+    assert tok.convert_ids_to_tokens(list(range(VOCAB.vocab_size))) == strings
+    assert tok("<bos> <a_0> <b_7>")["input_ids"] == [
+        VOCAB.bos_id,
+        VOCAB.level_start(0),
+        VOCAB.level_start(1) + 7,
+    ]
+    assert loaded.generation_config.max_new_tokens == VOCAB.levels
+
+
+def test_windows_cover_every_item_once():
+    codes = np.arange(20).reshape(10, 2) % 8
+    wins = windows([[0, 1, 2, 3, 4, 5, 6]], codes, VOCAB, window_items=3)
+    # cut from the end: [4,5,6], [1,2,3], [0]
+    assert [len(w) for w in wins] == [7, 7, 3]
+    assert all(w[0] == VOCAB.bos_id for w in wins)
+
+
+def test_ranking_guided_loss_is_ce_of_scaled_logits():
+    logits = torch.tensor([[[2.0, 0.0, -1.0]]])
+    target = torch.tensor([[0]])
+    for tau in (1.0, 0.5):
+        z = logits[0, 0] / tau
+        expected = -(z[0] - torch.logsumexp(z, 0))
+        assert ranking_guided_loss(logits, target, tau, -100).item() == pytest.approx(
+            expected.item(), abs=1e-6
+        )
+    # a smaller tau puts more weight on the hard negative -> larger loss when it is wrong
+    wrong = torch.tensor([[[0.0, 1.0, -1.0]]])
+    assert ranking_guided_loss(wrong, target, 0.5, -100) > ranking_guided_loss(
+        wrong, target, 1.0, -100
+    )

@@ -1,0 +1,266 @@
+"""Training the generative recommender on code sequences with the ranking-guided loss.
+
+Every item position of a window of up to `window_items` items (history + target) is a
+prediction target: input `[bos] + codes(items)`, next-token cross-entropy on all code tokens.
+Ranking-guided generation loss (LETTER Eq. 8): cross-entropy on logits / tau.
+Windows are cut from the end of each user's training sequence without overlap, so every
+interaction is a target once per epoch; batches group windows of similar length (little
+padding). Early stopping on validation NDCG@10 from the real constrained beam search.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from models.beam import beam_search
+from models.recommender import RecommenderConfig, build_model
+from models.trie import ItemTrie
+from models.vocab import CodeVocab
+from training.metrics import ranks_from_lists, summarize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LMTrainConfig:
+    model: RecommenderConfig = field(default_factory=RecommenderConfig)
+    tau: float = 1.0
+    """Temperature of the ranking-guided loss; < 1 sharpens on hard negatives."""
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 2e-3
+    warmup: float = 0.05
+    """Fraction of steps with linear warm-up before the cosine decay."""
+    weight_decay: float = 0.05
+    window_items: int = 21
+    """Items per training window (history of 20 + target, the paper's setting)."""
+    eval_every: int = 2
+    eval_users: int = 2000
+    """Validation users (a fixed random subset) scored by beam search for early stopping."""
+    patience: int = 3
+    beam_width: int = 20
+    bf16: bool = False
+    """bfloat16 autocast for the forward pass (CUDA, or CPUs with bf16 support)."""
+    seed: int = 0
+    device: str = "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LMResult:
+    model: torch.nn.Module
+    valid: dict[str, float]
+    epochs: int
+    seconds: float
+    tokens_per_s: float
+    history: list[dict[str, float]]
+
+
+def windows(
+    train: list[list[int]], codes: np.ndarray, vocab: CodeVocab, window_items: int
+) -> list[np.ndarray]:
+    """Token windows `[bos] + codes of <= window_items items`, cut from the end of each user."""
+    tok = vocab.tokens(codes)  # [n_items, L]
+    out = []
+    for seq in train:
+        for end in range(len(seq), 0, -window_items):
+            chunk = seq[max(0, end - window_items) : end]
+            out.append(np.concatenate([[vocab.bos_id], tok[chunk].reshape(-1)]))
+    return out
+
+
+def length_batches(
+    lengths: np.ndarray, batch_size: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Shuffled batches of windows with similar lengths."""
+    order = np.lexsort((rng.random(len(lengths)), lengths))
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(wins: list[np.ndarray], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    t = max(len(w) for w in wins)
+    ids = torch.full((len(wins), t), pad, dtype=torch.long)
+    mask = torch.zeros((len(wins), t), dtype=torch.long)
+    for i, w in enumerate(wins):
+        ids[i, : len(w)] = torch.from_numpy(w)
+        mask[i, : len(w)] = 1
+    return ids, mask
+
+
+def ranking_guided_loss(
+    logits: torch.Tensor, targets: torch.Tensor, tau: float, ignore: int
+) -> torch.Tensor:
+    """Cross-entropy of logits / tau. logits [B, T, V], targets [B, T] (ignore = padding)."""
+    return F.cross_entropy(
+        (logits / tau).flatten(0, 1).float(), targets.flatten(), ignore_index=ignore
+    )
+
+
+def lm_loss(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, tau: float, pad: int
+) -> torch.Tensor:
+    logits = model(input_ids=ids, attention_mask=mask).logits  # [B, T, V]
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return ranking_guided_loss(logits[:, :-1], targets, tau, -100)
+
+
+@torch.no_grad()
+def recommend(
+    model: torch.nn.Module,
+    histories: list[list[int]],
+    codes: np.ndarray,
+    vocab: CodeVocab,
+    trie: ItemTrie,
+    k: int = 10,
+    beam_width: int = 20,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> list[list[int]]:
+    """Top-k item rows per history by trie-constrained beam search."""
+    model.eval()
+    out: list[list[int]] = []
+    starts = range(0, len(histories), batch_size)
+    for s in tqdm(starts, desc="beam search", unit="batch", disable=not progress):
+        prompts = [
+            vocab.prompt(codes[h]) if h else [vocab.bos_id] for h in histories[s : s + batch_size]
+        ]
+        res = beam_search(model, prompts, trie, vocab, beam_width=beam_width, k=k)
+        out.extend([[i for i in row if i >= 0] for row in res.items.tolist()])
+    return out
+
+
+def evaluate_pairs(
+    model: torch.nn.Module,
+    pairs: list[tuple[list[int], int]],
+    codes: np.ndarray,
+    vocab: CodeVocab,
+    trie: ItemTrie,
+    beam_width: int = 20,
+    progress: bool = False,
+) -> tuple[dict[str, float], list[list[int]]]:
+    recs = recommend(
+        model, [h for h, _ in pairs], codes, vocab, trie, 10, beam_width, progress=progress
+    )
+    return summarize(ranks_from_lists(recs, [t for _, t in pairs])), recs
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_lm(
+    train: list[list[int]],
+    valid: list[tuple[list[int], int]],
+    codes: np.ndarray,
+    vocab: CodeVocab,
+    cfg: LMTrainConfig,
+    checkpoint: Path | None = None,
+    progress: bool = True,
+) -> LMResult:
+    """Train from scratch (or resume from `checkpoint`); keeps the best validation state."""
+    device = torch.device(cfg.device)
+    rng = np.random.default_rng(cfg.seed)
+    model = build_model(cfg.model, vocab, cfg.seed).to(device)
+    wins = windows(train, codes, vocab, cfg.window_items)
+    lengths = np.array([len(w) for w in wins])
+    steps_per_epoch = -(-len(wins) // cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: _schedule(s, total, max(1, int(cfg.warmup * total)))
+    )
+    trie = ItemTrie.from_codes(codes, vocab.codebook_size)
+    pick = np.random.default_rng(cfg.seed + 1).permutation(len(valid))[: cfg.eval_users]
+    valid_subset = [valid[i] for i in sorted(pick)]
+    state = {"epoch": 0, "best": -1.0, "bad": 0, "history": [], "best_state": None}
+    if checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        state = saved["state"]
+        rng = saved["rng"]
+        log.info("resumed from %s at epoch %d", checkpoint, state["epoch"])
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    t0, tokens = time.perf_counter(), 0
+    bar = tqdm(
+        range(state["epoch"], cfg.epochs), desc="recommender", unit="epoch", disable=not progress
+    )
+    for epoch in bar:
+        model.train()
+        total_loss, n_batches = 0.0, 0
+        for idx in length_batches(lengths, cfg.batch_size, rng):
+            ids, mask = collate([wins[i] for i in idx], vocab.pad_id)
+            ids, mask = ids.to(device), mask.to(device)
+            with autocast:
+                loss = lm_loss(model, ids, mask, cfg.tau, vocab.pad_id)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            total_loss += loss.item()
+            n_batches += 1
+            tokens += int(mask.sum())
+        row: dict[str, float] = {"epoch": epoch + 1, "loss": total_loss / max(1, n_batches)}
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            metrics, _ = evaluate_pairs(model, valid_subset, codes, vocab, trie, cfg.beam_width)
+            row.update({f"valid_{k}": v for k, v in metrics.items()})
+            if metrics["ndcg@10"] > state["best"]:
+                state["best"], state["bad"] = metrics["ndcg@10"], 0
+                state["best_state"] = {
+                    k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+                }
+            else:
+                state["bad"] += 1
+        state["history"].append(row)
+        state["epoch"] = epoch + 1
+        bar.set_postfix(loss=f"{row['loss']:.3f}", best_ndcg10=f"{max(state['best'], 0):.4f}")
+        if checkpoint is not None:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "state": state,
+                    "rng": rng,
+                },
+                checkpoint,
+            )
+        if state["bad"] >= cfg.patience:
+            break
+    seconds = time.perf_counter() - t0
+    if state["best_state"] is not None:
+        model.load_state_dict(state["best_state"])
+    model.eval()
+    valid_metrics = {
+        k[len("valid_") :]: v for k, v in state["history"][-1].items() if k.startswith("valid_")
+    }
+    best_rows = [r for r in state["history"] if r.get("valid_ndcg@10") == state["best"]]
+    if best_rows:
+        valid_metrics = {
+            k[len("valid_") :]: v for k, v in best_rows[0].items() if k.startswith("valid_")
+        }
+    return LMResult(
+        model, valid_metrics, state["epoch"], seconds, tokens / max(seconds, 1e-9), state["history"]
+    )
