@@ -141,11 +141,14 @@ def eventually(prom: str, promql: str, seconds: float = 60) -> list[dict[str, An
         time.sleep(1)
 
 
-def test_prometheus_collects_latency_and_catalogue_size(service: str, prometheus: str) -> None:
-    # Traffic while Prometheus scrapes, so that rates are non-zero.
-    for i in range(10):
+def recommend(service: str, n: int) -> None:
+    for i in range(n):
         status, body = http(f"{service}/recommend", {"history": [f"item-{i}"], "k": 5}, timeout=60)
         assert status == 200, body[:500]
+
+
+def test_prometheus_collects_latency_and_catalogue_size(service: str, prometheus: str) -> None:
+    recommend(service, 5)
     assert eventually(prometheus, 'up{job="letterrec"} == 1'), "the service target is not up"
 
     buckets = eventually(
@@ -153,21 +156,24 @@ def test_prometheus_collects_latency_and_catalogue_size(service: str, prometheus
     )
     assert buckets, "the latency histogram was not collected"
     assert {s["metric"]["method"] for s in buckets} == {"POST"}
+    assert {s["metric"]["job"] for s in buckets} == {"letterrec"}
     inf = [s for s in buckets if s["metric"]["le"] == "+Inf"]
-    assert inf and float(inf[0]["value"][1]) >= 10
+    assert inf and float(inf[0]["value"][1]) >= 5
 
     (catalogue,) = eventually(prometheus, 'letterrec_catalogue_items{job="letterrec"}')
     assert float(catalogue["value"][1]) == N_ITEMS
 
-    (ready,) = eventually(prometheus, "letterrec_ready")
+    (ready,) = eventually(prometheus, 'letterrec_ready{job="letterrec"}')
     assert float(ready["value"][1]) == 1
 
-    rate = eventually(
+    # More traffic after the series was first scraped: Prometheus sees the counter grow.
+    recommend(service, 5)
+    grown = eventually(
         prometheus,
-        'sum(rate(letterrec_http_request_duration_seconds_count{route="/recommend"}[30s])) > 0',
+        'sum(increase(letterrec_http_request_duration_seconds_count{route="/recommend"}[1m])) > 0',
         seconds=30,
     )
-    assert rate, "no request rate over the recorded traffic"
+    assert grown, "Prometheus did not see the request counter grow"
 
 
 def test_alert_rules_load_and_evaluate_cleanly(service: str, prometheus: str) -> None:
