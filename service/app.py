@@ -4,12 +4,15 @@ bundle, the store, the engine and the tokenizer, and shuts them down in order.""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -189,7 +192,20 @@ def _bind_gauges(metrics: Metrics, state: ServiceState) -> None:
     metrics.ready.set_function(lambda: 1.0 if state.ready() else 0.0)
 
 
+class SafeJSONResponse(JSONResponse):
+    """ASCII-escaped JSON: echoing a lone surrogate from the request cannot fail to encode."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
+
+
 def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return SafeJSONResponse(
+            {"detail": jsonable_encoder(exc.errors())}, status.HTTP_422_UNPROCESSABLE_CONTENT
+        )
+
     def unavailable(message: str, retry_after: int = 1) -> JSONResponse:
         return JSONResponse(
             {"detail": message},
@@ -237,7 +253,7 @@ class BodySizeLimit:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             response = JSONResponse(
                 {"detail": f"request body larger than {limit} bytes (max_body_bytes)"},
-                status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+                413,
             )
             await response(scope, receive, send)
             return
@@ -250,7 +266,7 @@ class BodySizeLimit:
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     raise HTTPException(
-                        status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+                        413,
                         f"request body larger than {limit} bytes (max_body_bytes)",
                     )
             return message

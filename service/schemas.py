@@ -91,6 +91,8 @@ class TokenizeItem(BaseModel):
         if len(extra) > MAX_EXTRA_FIELDS:
             raise ValueError(f"at most {MAX_EXTRA_FIELDS} extra fields, got {len(extra)}")
         for name, value in extra.items():
+            if not _is_unicode(name) or (isinstance(value, str) and not _is_unicode(value)):
+                raise ValueError(f"field {name!r} is not valid unicode (lone surrogate)")
             if len(name) > 64:
                 raise ValueError(f"extra field name longer than 64 characters: {name[:64]!r}...")
             if not isinstance(value, str):
@@ -102,6 +104,14 @@ class TokenizeItem(BaseModel):
     def fields(self) -> dict[str, Any]:
         """All fields as one mapping, as the tokenizer's text template expects."""
         return {**(self.__pydantic_extra__ or {}), **self.model_dump(exclude_unset=False)}
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class TokenizeRequest(_Strict):
