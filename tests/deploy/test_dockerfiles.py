@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import sys
 import tomllib
 
 import pytest
@@ -142,3 +144,13 @@ def test_dockerignore_keeps_data_and_secrets_out() -> None:
     for path in ["pyproject.toml", "models/bundle.py", "service/app.py", "letterrec/cli.py",
                  "docker/bundle-placeholder/README.md"]:
         assert not dockerignore_excludes(path, ignore), f"{path} is needed by the image build"
+
+
+def test_cli_serve_takes_the_flags_the_images_pass() -> None:
+    """The images, compose and the Deployment run `letterrec serve --bundle /bundle --host 0.0.0.0
+    --port 8000`: the CLI must accept exactly that."""
+    code = "import sys; from letterrec.cli import app; sys.argv[0] = 'letterrec'; app()"
+    out = run([sys.executable, "-c", code, "serve", "--help"], env={**os.environ, "COLUMNS": "200"})
+    assert_ok(out)
+    for flag in ("--bundle", "--host", "--port"):
+        assert flag in out.stdout, f"`letterrec serve` has no {flag}:\n{out.stdout}"
