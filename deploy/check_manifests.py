@@ -61,7 +61,9 @@ def render(overlay: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
-_DURATION = r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
+_DURATION = (
+    r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
+)
 _STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 _LABEL_SELECTOR = {
     "type": "object",
@@ -256,7 +258,9 @@ def main(argv: list[str]) -> int:
             for e in errors:
                 print(f"  {e}", file=sys.stderr)
         else:
-            print(f"overlay {name}: {len(objs)} objects valid (k8s {', '.join(K8S_VERSIONS)}): {kinds}")
+            print(
+                f"overlay {name}: {len(objs)} objects valid (k8s {', '.join(K8S_VERSIONS)}): {kinds}"
+            )
     return 1 if failed else 0
 
 

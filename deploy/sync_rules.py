@@ -44,7 +44,10 @@ def render() -> str:
         "kind": "PrometheusRule",
         "metadata": {
             "name": "letterrec",
-            "labels": {"app.kubernetes.io/name": "letterrec", "app.kubernetes.io/component": "server"},
+            "labels": {
+                "app.kubernetes.io/name": "letterrec",
+                "app.kubernetes.io/component": "server",
+            },
         },
         "spec": {"groups": groups},
     }

@@ -19,9 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 DEPLOY = ROOT / "deploy"
 PROMETHEUS_DIR = DOCKER / "prometheus"
-DOCKERFILES = {
-    name: DOCKER / f"Dockerfile.{name}" for name in ("cpu", "cuda", "bundle")
-}
+DOCKERFILES = {name: DOCKER / f"Dockerfile.{name}" for name in ("cpu", "cuda", "bundle")}
 # Every metric the service exports (service/metrics.py); the dashboard shows all of them.
 METRICS = [
     "letterrec_http_request_duration_seconds",
@@ -77,7 +75,9 @@ def compose_binary() -> str:
     return str(path)
 
 
-def run(cmd: list[str], cwd: Path = ROOT, timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: list[str], cwd: Path = ROOT, timeout: float = 120, **kw: Any
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, **kw)
 
 

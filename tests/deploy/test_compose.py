@@ -16,7 +16,10 @@ from tests.deploy.helpers import DOCKER, assert_ok, compose_binary, run
 
 COMPOSE = DOCKER / "compose.yaml"
 # Only what Compose needs: the defaults of the file are under test, not this shell's variables.
-CLEAN_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
+CLEAN_ENV = {
+    "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+    "HOME": os.environ.get("HOME", "/tmp"),
+}
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,9 @@ def test_server_image_contract(name: str) -> None:
     # Nothing of the build toolchain or the source tree: only the virtualenv and the bundle.
     copies = instr["COPY"]
     assert any("--from=build /opt/venv /opt/venv" in c for c in copies), copies
-    assert all("--from=" in c for c in copies), f"the runtime stage copies from stages only: {copies}"
+    assert all("--from=" in c for c in copies), (
+        f"the runtime stage copies from stages only: {copies}"
+    )
     # Non-root.
     user = instr["USER"][-1]
     assert user.split(":")[0] not in {"0", "root"}, user
@@ -138,11 +140,23 @@ def test_copy_sources_exist_and_reach_the_build_context(name: str) -> None:
 
 def test_dockerignore_keeps_data_and_secrets_out() -> None:
     ignore = read_dockerignore()
-    for path in [".venv/bin/python", "bundles/ml-100k/manifest.json", ".git/HEAD", "runs/x/y",
-                 "docker/.env", "tests/test_x.py", "models/__pycache__/x.pyc"]:
+    for path in [
+        ".venv/bin/python",
+        "bundles/ml-100k/manifest.json",
+        ".git/HEAD",
+        "runs/x/y",
+        "docker/.env",
+        "tests/test_x.py",
+        "models/__pycache__/x.pyc",
+    ]:
         assert dockerignore_excludes(path, ignore), f"{path} would be sent to the Docker daemon"
-    for path in ["pyproject.toml", "models/bundle.py", "service/app.py", "letterrec/cli.py",
-                 "docker/bundle-placeholder/README.md"]:
+    for path in [
+        "pyproject.toml",
+        "models/bundle.py",
+        "service/app.py",
+        "letterrec/cli.py",
+        "docker/bundle-placeholder/README.md",
+    ]:
         assert not dockerignore_excludes(path, ignore), f"{path} is needed by the image build"
 
 

@@ -25,13 +25,17 @@ def overlay(request: pytest.FixtureRequest) -> tuple[str, Objs]:
 
 
 def one(objs: Objs, kind: str, name: str | None = None) -> dict[str, Any]:
-    found = [o for o in objs if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    found = [
+        o for o in objs if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)
+    ]
     assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
     return found[0]
 
 
 def server(objs: Objs) -> dict[str, Any]:
-    (c,) = [c for c in one(objs, "Deployment", "letterrec")["spec"]["template"]["spec"]["containers"]]
+    (c,) = [
+        c for c in one(objs, "Deployment", "letterrec")["spec"]["template"]["spec"]["containers"]
+    ]
     return c
 
 
@@ -131,8 +135,14 @@ def test_service_pdb_hpa_and_servicemonitor_select_the_server(overlay: tuple[str
     pdb = one(objs, "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     hpa = one(objs, "HorizontalPodAutoscaler")
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "letterrec"}
-    assert hpa["spec"]["minReplicas"] >= 2 and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "letterrec",
+    }
+    assert (
+        hpa["spec"]["minReplicas"] >= 2 and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    )
     monitor = one(objs, "ServiceMonitor")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     (endpoint,) = monitor["spec"]["endpoints"]
@@ -171,9 +181,15 @@ def test_overlay_engine_device_and_gpu_placement(overlay: tuple[str, Objs]) -> N
     else:
         assert (cm["LETTERREC_ENGINE"], cm["LETTERREC_DEVICE"]) == ("vllm", "cuda")
         assert c["image"].endswith("-cuda")
-        assert c["resources"]["limits"]["nvidia.com/gpu"] == c["resources"]["requests"]["nvidia.com/gpu"] == "1"
+        assert (
+            c["resources"]["limits"]["nvidia.com/gpu"]
+            == c["resources"]["requests"]["nvidia.com/gpu"]
+            == "1"
+        )
         assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+            "tolerations"
+        ]
         assert any(m["mountPath"] == "/dev/shm" for m in c["volumeMounts"])
 
 

@@ -100,6 +100,7 @@ def test_promtool_checks_the_prometheusrule_groups(tmp_path: Path) -> None:
 
 # ---- Grafana -----------------------------------------------------------------------------------
 
+
 def _dashboard_exprs() -> list[tuple[str, str]]:
     dash = json.loads(DASHBOARD.read_text())
     return [(p["title"], t["expr"]) for p in dash["panels"] for t in p.get("targets", [])]
@@ -114,8 +115,17 @@ def test_dashboard_is_valid_json_with_unique_panel_ids() -> None:
 
 @pytest.mark.parametrize(
     "title_words",
-    [("request rate",), ("p50", "p95", "p99"), ("batch size",), ("queue wait",), ("error",),
-     ("catalogue",), ("redis errors",), ("in-flight",), ("ready",)],
+    [
+        ("request rate",),
+        ("p50", "p95", "p99"),
+        ("batch size",),
+        ("queue wait",),
+        ("error",),
+        ("catalogue",),
+        ("redis errors",),
+        ("in-flight",),
+        ("ready",),
+    ],
 )
 def test_dashboard_has_the_panels_operators_expect(title_words: tuple[str, ...]) -> None:
     titles = [t.lower() for t, _ in _dashboard_exprs()]

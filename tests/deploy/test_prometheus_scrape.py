@@ -152,7 +152,8 @@ def test_prometheus_collects_latency_and_catalogue_size(service: str, prometheus
     assert eventually(prometheus, 'up{job="letterrec"} == 1'), "the service target is not up"
 
     buckets = eventually(
-        prometheus, 'letterrec_http_request_duration_seconds_bucket{route="/recommend",status="200"}'
+        prometheus,
+        'letterrec_http_request_duration_seconds_bucket{route="/recommend",status="200"}',
     )
     assert buckets, "the latency histogram was not collected"
     assert {s["metric"]["method"] for s in buckets} == {"POST"}

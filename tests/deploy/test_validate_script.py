@@ -7,7 +7,9 @@ from tests.deploy.helpers import ROOT, assert_ok, run
 
 def test_validate_deploy_script_passes() -> None:
     # --no-install: the tools are there already (bootstrap); --no-tests: this is the test run.
-    out = run(["bash", "scripts/validate_deploy.sh", "--no-install", "--no-tests"], cwd=ROOT, timeout=300)
+    out = run(
+        ["bash", "scripts/validate_deploy.sh", "--no-install", "--no-tests"], cwd=ROOT, timeout=300
+    )
     assert_ok(out)
     assert "validate_deploy: all checks passed" in out.stdout
 
