@@ -94,6 +94,8 @@ def _run(stage: str, ws) -> dict[str, Any]:  # noqa: ANN001
         "embed": pipeline.stage_embed,
         "cf": pipeline.stage_cf,
         "tokenizer": pipeline.stage_tokenizer,
+        "lm": pipeline.stage_lm,
+        "evaluate": pipeline.stage_evaluate,
     }[stage]
     try:
         result = fn(ws)
@@ -104,7 +106,7 @@ def _run(stage: str, ws) -> dict[str, Any]:  # noqa: ANN001
     return result
 
 
-STAGES = ["data", "embed", "cf", "tokenizer"]
+STAGES = ["data", "embed", "cf", "tokenizer", "lm", "evaluate"]
 
 
 @app.command()
@@ -161,6 +163,33 @@ def tokenizer(
     _run("tokenizer", _workspace(data, out, profile, config, device, force, quiet))
 
 
+@app.command("train-lm")
+def train_lm(
+    data: DataOpt = "ml-100k",
+    out: OutOpt = Path("bundles/ml-100k"),
+    profile: ProfileOpt = "full",
+    config: ConfigOpt = None,
+    device: DeviceOpt = "cpu",
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train the generative recommender (resumable); write lm/ into the bundle."""
+    _run("lm", _workspace(data, out, profile, config, device, force, quiet))
+
+
+@app.command()
+def evaluate(
+    data: DataOpt = "ml-100k",
+    out: OutOpt = Path("bundles/ml-100k"),
+    profile: ProfileOpt = "full",
+    config: ConfigOpt = None,
+    device: DeviceOpt = "cpu",
+    quiet: QuietOpt = False,
+) -> None:
+    """Leave-one-out test of popularity, SASRec and the bundle's recommender."""
+    _run("evaluate", _workspace(data, out, profile, config, device, False, quiet))
+
+
 @app.command()
 def pipeline(
     data: DataOpt = "ml-100k",
@@ -170,10 +199,19 @@ def pipeline(
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,
     quiet: QuietOpt = False,
+    stages: Annotated[
+        str, typer.Option("--stages", help="Comma-separated subset of the stages, in order.")
+    ] = "",
 ) -> None:
     """All offline stages in order; each resumes from its saved output."""
     ws = _workspace(data, out, profile, config, device, force, quiet)
-    for stage in STAGES:
+    chosen = [s.strip() for s in stages.split(",") if s.strip()] if stages else STAGES
+    unknown = [s for s in chosen if s not in STAGES]
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown stage(s) {unknown}; valid: {STAGES}", param_hint="--stages"
+        )
+    for stage in chosen:
         _run(stage, ws)
     console.print(f"[green]bundle ready[/green]: {out}")
 

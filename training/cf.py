@@ -26,11 +26,11 @@ class CFTrainConfig:
     heads: int = 2
     max_len: int = 50
     dropout: float = 0.3
-    epochs: int = 60
+    epochs: int = 30
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 0.0
-    patience: int = 5
+    patience: int = 3
     """Stop after this many epochs without a better validation NDCG@10."""
     eval_every: int = 2
     seed: int = 0

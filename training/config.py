@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from models.recommender import RecommenderConfig
 from training.cf import CFTrainConfig
+from training.lm import LMTrainConfig
 from training.tokenizer import TokenizerTrainConfig
 
 
@@ -22,6 +24,7 @@ class PipelineConfig:
     max_history: int = 20
     cf: CFTrainConfig = field(default_factory=CFTrainConfig)
     tokenizer: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
+    lm: LMTrainConfig = field(default_factory=LMTrainConfig)
     ablation: bool = True
     """Also train an alpha = 0 tokenizer to measure what CF alignment adds (report only)."""
 
@@ -33,6 +36,7 @@ class PipelineConfig:
             self,
             cf=dataclasses.replace(self.cf, device=device),
             tokenizer=dataclasses.replace(self.tokenizer, device=device),
+            lm=dataclasses.replace(self.lm, device=device),
         )
 
 
@@ -45,15 +49,23 @@ def _from_dict(cls: type, d: dict[str, Any]) -> Any:
         )
     kwargs = {}
     for k, v in d.items():
-        default = getattr(cls(), k) if k not in ("cf", "tokenizer") else None
-        if k == "cf":
-            v = _from_dict(CFTrainConfig, v)
-        elif k == "tokenizer":
-            v = _from_dict(TokenizerTrainConfig, v)
-        elif isinstance(default, tuple):
+        nested = NESTED.get((cls, k))
+        if nested is not None:
+            kwargs[k] = _from_dict(nested, v)
+            continue
+        default = getattr(cls(), k) if cls is not CFTrainConfig else None
+        if isinstance(default, tuple):
             v = tuple(v)
         kwargs[k] = v
     return cls(**kwargs)
+
+
+NESTED: dict[tuple[type, str], type] = {
+    (PipelineConfig, "cf"): CFTrainConfig,
+    (PipelineConfig, "tokenizer"): TokenizerTrainConfig,
+    (PipelineConfig, "lm"): LMTrainConfig,
+    (LMTrainConfig, "model"): RecommenderConfig,
+}
 
 
 def load_config(path: str | Path) -> PipelineConfig:
@@ -74,6 +86,9 @@ PROFILES: dict[str, PipelineConfig] = {
     "quick": PipelineConfig(
         cf=CFTrainConfig(epochs=20, eval_every=2, patience=3),
         tokenizer=TokenizerTrainConfig(levels=3, codebook_size=64, epochs=150, batch_size=512),
+        lm=LMTrainConfig(
+            epochs=12, batch_size=128, lr=3e-3, eval_every=3, eval_users=500, patience=2
+        ),
     ),
 }
 

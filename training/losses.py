@@ -6,12 +6,18 @@ import torch
 import torch.nn.functional as F
 
 
-def cf_alignment_loss(z_hat: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
+def cf_alignment_loss(
+    z_hat: torch.Tensor, cf: torch.Tensor, temperature: float | None = None
+) -> torch.Tensor:
     """In-batch contrastive alignment of quantized vectors with CF embeddings (LETTER Eq. 4).
 
     z_hat [B, D], cf [B, D] -> scalar. Row i's positive is cf[i]; the other rows are negatives.
-    Plain inner products, as in the paper.
+    temperature None: plain inner products, as in the paper. A float: cosine similarities
+    divided by it, which makes the loss independent of the two embeddings' scales.
     """
+    if temperature is not None:
+        z_hat = F.normalize(z_hat, dim=-1) / temperature
+        cf = F.normalize(cf, dim=-1)
     logits = z_hat @ cf.t()  # [B, B]
     labels = torch.arange(len(z_hat), device=z_hat.device)
     return F.cross_entropy(logits, labels)

@@ -14,12 +14,15 @@ import numpy as np
 
 from models.bundle import Bundle, Catalogue, Manifest
 from models.item_tokenizer import TextTemplate
+from models.recommender import load_lm, save_lm
 from models.text_encoder import TextEncoder
 from models.vocab import CodeVocab
 from training.cf import train_sasrec
 from training.config import PipelineConfig
 from training.data import Dataset, Split, k_core, leave_one_out, load_dataset
 from training.embed import embed_texts, item_texts
+from training.evaluate import evaluate_generative, evaluate_popularity
+from training.lm import train_lm
 from training.tokenizer import TokenizerResult, train_tokenizer
 from training.tokenizer_report import (
     plot_code_frequency,
@@ -186,3 +189,58 @@ def stage_tokenizer(ws: Workspace) -> dict[str, Any]:
     }
     write_json(summary, ws.stages / "tokenizer.json")
     return summary
+
+
+def stage_lm(ws: Workspace) -> dict[str, Any]:
+    """Train the recommender on the bundle's codes; write `lm/` and report/lm.json."""
+    if ws.done("lm.json") and (ws.out / "lm" / "config.json").exists():
+        return {**json.loads((ws.stages / "lm.json").read_text()), "skipped": True}
+    bundle = Bundle.load(ws.out)
+    split = ws.split()
+    res = train_lm(
+        split.train,
+        split.valid,
+        bundle.catalogue.codes,
+        bundle.vocab,
+        ws.cfg.lm,
+        checkpoint=ws.stages / "lm_checkpoint.pt",
+        progress=ws.progress,
+    )
+    save_lm(res.model, bundle.vocab, bundle.lm_dir, extra={"train": ws.cfg.lm.to_dict()})
+    summary = {
+        "valid": res.valid,
+        "epochs": res.epochs,
+        "train_seconds": res.seconds,
+        "tokens_per_s": res.tokens_per_s,
+        "device": ws.cfg.lm.device,
+        "history": res.history,
+    }
+    write_json(summary, ws.out / "report" / "lm.json")
+    write_json(summary, ws.stages / "lm.json")
+    return summary
+
+
+def stage_evaluate(ws: Workspace) -> dict[str, Any]:
+    """Test metrics of popularity, SASRec and the bundle's recommender -> report/eval.json."""
+    bundle = Bundle.load(ws.out)
+    split = ws.split()
+    model = load_lm(bundle.lm_dir, ws.cfg.lm.device)
+    gen = evaluate_generative(
+        model,
+        split.train,
+        split.test,
+        bundle.catalogue.codes,
+        bundle.vocab,
+        ws.cfg.lm.beam_width,
+        progress=ws.progress,
+    )
+    sasrec = json.loads((ws.stages / "sasrec.json").read_text())["test"]
+    rows = {
+        "popularity": evaluate_popularity(split.train, split.test, ws.dataset().n_items),
+        "sasrec": sasrec,
+        "letterrec": gen,
+    }
+    write_json(rows, ws.out / "report" / "eval.json")
+    return {
+        name: {k: round(v, 4) for k, v in r.items() if "@" in k} for name, r in rows.items()
+    } | {"eval_seconds": gen["eval_seconds"]}
