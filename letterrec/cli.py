@@ -216,6 +216,56 @@ def pipeline(
     console.print(f"[green]bundle ready[/green]: {out}")
 
 
+@app.command()
+def serve(
+    bundle: Annotated[Path, typer.Option("--bundle", help="Bundle directory to serve.")],
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+    engine: Annotated[
+        str | None, typer.Option("--engine", help="torch or vllm (default: setting).")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="auto, cpu or cuda (default: setting).")
+    ] = None,
+    redis_url: Annotated[
+        str | None, typer.Option("--redis-url", help="Shared catalogue store.")
+    ] = None,
+) -> None:
+    """Serve a bundle over HTTP (settings from LETTERREC_* environment variables)."""
+    from service.server import run  # the service never imports training code
+
+    overrides = {
+        k: v for k, v in {"engine": engine, "device": device, "redis_url": redis_url}.items() if v
+    }
+    try:
+        run(bundle, host=host, port=port, **overrides)
+    except ValueError as e:
+        console.print(f"[red]error[/red]: {e}")
+        raise typer.Exit(2) from e
+
+
+@app.command()
+def demo(
+    out: OutOpt = Path("bundles/ml-100k"),
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+    build_only: Annotated[
+        bool, typer.Option("--build-only", help="Build the bundle, do not serve.")
+    ] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Build the embedded ml-100k bundle (quick profile) if missing, then serve it."""
+    if not (out / "lm" / "config.json").exists():
+        ws = _workspace("ml-100k", out, "quick", None, "auto", False, quiet)
+        for stage in STAGES:
+            _run(stage, ws)
+    if build_only:
+        console.print(f"[green]bundle ready[/green]: {out}")
+        return
+    console.print(f"serving {out} on http://{host}:{port} (docs at /docs)")
+    serve(bundle=out, host=host, port=port)
+
+
 def main() -> None:
     app()
 

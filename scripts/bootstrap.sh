@@ -24,12 +24,16 @@ pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 python -c "import recbole" 2>/dev/null || pip_q --no-deps recbole==1.2.1
 python -c "import torch, transformers, models, training, service, letterrec" >/dev/null
 
-# The tests start their own redis-server on a free port.
-if ! command -v redis-server >/dev/null 2>&1; then
+# System tools the tests use: redis-server (tests start their own on a free port) and
+# Debian's prometheus (promtool checks, and a real Prometheus scraping a real service).
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+{ command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; } || need+=(prometheus)
+if [ ${#need[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1; then
-    (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}") >/dev/null
   else
-    echo "bootstrap: redis-server is not installed and apt-get is unavailable" >&2
+    echo "bootstrap: ${need[*]} missing and apt-get is unavailable" >&2
     exit 1
   fi
 fi
