@@ -82,7 +82,7 @@ async def _start(settings: Settings, metrics: Metrics) -> ServiceState:
     engine = await asyncio.to_thread(_make_engine, settings, bundle)
     tokenizer = await asyncio.to_thread(_load_tokenizer, settings, bundle.tokenizer_dir)
     batcher: MicroBatcher[DecodeRequest, list[Recommendation]] = MicroBatcher(
-        _run_batch(engine, store.live),
+        _run_batch(engine, store.live, settings.beam_width),
         max_batch=settings.max_batch_size,
         max_wait_s=settings.max_wait_ms / 1000.0,
         queue_size=settings.queue_size,
@@ -171,11 +171,25 @@ def _load_tokenizer(settings: Settings, path: Path):  # noqa: ANN202 - ItemToken
 
 
 def _run_batch(
-    engine: DecodeEngine, live: LiveCatalogue
+    engine: DecodeEngine, live: LiveCatalogue, beam_width: int
 ) -> Callable[[Sequence[DecodeRequest]], list[list[Recommendation]]]:
+    """Decode a batch under the catalogue lock, one engine call per effective beam width.
+
+    Engines search with width max(beam_width, k) for a whole call; grouping by that width keeps
+    a request's answer independent of which other requests happened to share its batch.
+    """
+
     def run(requests: Sequence[DecodeRequest]) -> list[list[Recommendation]]:
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(max(beam_width, r.k), []).append(i)
+        out: list[list[Recommendation]] = [[] for _ in requests]
         with live.lock:  # no trie update while the engine reads it
-            return engine.recommend(requests, live.trie)
+            for members in groups.values():
+                results = engine.recommend([requests[i] for i in members], live.trie)
+                for i, recs in zip(members, results, strict=True):
+                    out[i] = recs
+        return out
 
     return run
 
