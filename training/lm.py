@@ -173,17 +173,22 @@ def train_lm(
     cfg: LMTrainConfig,
     checkpoint: Path | None = None,
     progress: bool = True,
+    model: torch.nn.Module | None = None,
 ) -> LMResult:
-    """Train from scratch (or resume from `checkpoint`); keeps the best validation state."""
+    """Train from scratch, or `model` (e.g. a LoRA-wrapped pretrained LM), or resume from
+    `checkpoint`; keeps the best validation state."""
     device = torch.device(cfg.device)
     rng = np.random.default_rng(cfg.seed)
-    model = build_model(cfg.model, vocab, cfg.seed).to(device)
+    model = (model if model is not None else build_model(cfg.model, vocab, cfg.seed)).to(device)
     wins = windows(train, codes, vocab, cfg.window_items)
     lengths = np.array([len(w) for w in wins])
     steps_per_epoch = -(-len(wins) // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        betas=(0.9, 0.98),
     )
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: _schedule(s, total, max(1, int(cfg.warmup * total)))
