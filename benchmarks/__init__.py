@@ -1,0 +1,1 @@
+"""Benchmark scripts; results (JSON + markdown) go under benchmarks/results/."""
