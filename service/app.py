@@ -110,7 +110,11 @@ async def _start(settings: Settings, metrics: Metrics) -> ServiceState:
     _bind_gauges(metrics, state)
     log.info(
         "serving %s (%d items, engine %s on %s, store %s)",
-        bundle.root, store.live.n_active, settings.engine, state.info["device"], store.kind,
+        bundle.root,
+        store.live.n_active,
+        settings.engine,
+        state.info["device"],
+        store.kind,
     )
     return state
 

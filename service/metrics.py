@@ -60,7 +60,9 @@ class Metrics:
             registry=r,
         )
         self.catalogue_items = Gauge(
-            "letterrec_catalogue_items", "Active (recommendable) items in the catalogue.", registry=r
+            "letterrec_catalogue_items",
+            "Active (recommendable) items in the catalogue.",
+            registry=r,
         )
         self.trie_version = Gauge(
             "letterrec_trie_version", "Version counter of the in-process item trie.", registry=r

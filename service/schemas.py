@@ -163,5 +163,7 @@ class Readiness(BaseModel):
     ready: bool
     checks: dict[str, bool]
     model_version: str | None = None
+    engine: str | None = None
+    device: str | None = None
     catalogue_items: int = 0
     catalogue_version: int = 0

@@ -14,6 +14,7 @@ from typing import Any
 
 import uvicorn
 
+from models.bundle import Bundle
 from service.app import create_app
 from service.settings import Settings
 
@@ -33,6 +34,7 @@ def build_settings(bundle: str | Path, **overrides: Any) -> Settings:
 def run(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, **overrides: Any) -> None:
     """Serve `bundle` on host:port until SIGINT/SIGTERM (graceful: queued requests finish)."""
     settings = build_settings(bundle, **overrides)
+    Bundle.load(bundle)  # fail fast (BundleError, a ValueError) before uvicorn starts
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -46,7 +48,10 @@ def run(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, **overrid
         access_log=False,
         proxy_headers=True,
     )
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:
+        raise SystemExit("letterrec: the service failed to start (see the log above)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,7 +65,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     overrides = {
         k: v
-        for k, v in {"engine": args.engine, "device": args.device, "redis_url": args.redis_url}.items()
+        for k, v in {
+            "engine": args.engine,
+            "device": args.device,
+            "redis_url": args.redis_url,
+        }.items()
         if v is not None
     }
     run(args.bundle, args.host, args.port, **overrides)

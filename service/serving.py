@@ -161,7 +161,9 @@ class ServingTokenize:
             TokenizedItem(item_id=it.item_id, codes=list(c), status=s)  # type: ignore[arg-type]
             for it, c, s in zip(req.items, plan.codes, plan.statuses, strict=True)
         ]
-        return TokenizeResponse(items=items, dry_run=req.dry_run, catalogue_version=self.store.version)
+        return TokenizeResponse(
+            items=items, dry_run=req.dry_run, catalogue_version=self.store.version
+        )
 
     def _plan(self, req: TokenizeRequest) -> _Plan:
         """Decide per item: existing (same id, same text), created, replaced, or a conflict.
@@ -221,8 +223,12 @@ class ServingTokenize:
                 continue
             elif not req.replace:
                 conflicts.append(
-                    _conflict(i, item.item_id, f"is in the bundle with codes {list(old or ())}, "
-                              f"its text now maps to {list(new)}")
+                    _conflict(
+                        i,
+                        item.item_id,
+                        f"is in the bundle with codes {list(old or ())}, "
+                        f"its text now maps to {list(new)}",
+                    )
                 )
                 continue
             else:

@@ -59,8 +59,12 @@ class Entry:
     @classmethod
     def from_json(cls, raw: str | bytes) -> Entry:
         d = json.loads(raw)
-        return cls(str(d["item_id"]), tuple(int(c) for c in d["codes"]), str(d["title"]),
-                   str(d["text_hash"]))
+        return cls(
+            str(d["item_id"]),
+            tuple(int(c) for c in d["codes"]),
+            str(d["title"]),
+            str(d["text_hash"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -129,7 +133,9 @@ class LiveCatalogue:
 
     def tokenized_entries(self) -> list[Entry]:
         """The active tokenized items, oldest first (what a replica re-seeds Redis with)."""
-        return [e for i, e in enumerate(self._extra) if self._active.get(e.item_id) == i + self.n_bundle]
+        return [
+            e for i, e in enumerate(self._extra) if self._active.get(e.item_id) == i + self.n_bundle
+        ]
 
     def apply(self, entry: Entry) -> str:
         """Make `entry` the item's current state; returns created/existing/replaced.
@@ -146,7 +152,9 @@ class LiveCatalogue:
         if holder is not None:
             log.warning(
                 "item %r takes codes %s from item %r (store log wins)",
-                entry.item_id, entry.codes, self.item(holder).item_id,
+                entry.item_id,
+                entry.codes,
+                self.item(holder).item_id,
             )
             self._retire(holder)
         if row is not None:

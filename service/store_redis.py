@@ -65,6 +65,8 @@ return n
 """
 
 SNAPSHOT_MIN_INTERVAL_S = 1.0
+REDIS_OPS = ("load", "sync", "commit", "snapshot", "pubsub")
+"""Values of the `op` label of letterrec_redis_errors_total."""
 
 
 def bundle_fingerprint(catalogue: Catalogue, created_at: str) -> str:
@@ -111,6 +113,8 @@ class RedisStore(CatalogueStore):
         self._tasks: list[asyncio.Task[None]] = []
         self._snapshot_dirty = False
         self._snapshot_at = 0.0
+        for op in REDIS_OPS:  # export every series from the start, at 0
+            metrics.redis_errors.labels(op)
 
     # ---- construction -------------------------------------------------------------------
 
@@ -203,7 +207,9 @@ class RedisStore(CatalogueStore):
             args=[epoch, self.channel, *[e.to_json() for e in entries]],
         )
         if int(n) >= 0:
-            log.info("Redis log started (epoch %s) with %d tokenized items", epoch[:8], len(entries))
+            log.info(
+                "Redis log started (epoch %s) with %d tokenized items", epoch[:8], len(entries)
+            )
             self._epoch, self.version = epoch, int(n)
             self._snapshot_dirty = True
 
@@ -328,5 +334,7 @@ async def _load_snapshot(
         log.warning("ignoring unusable Redis snapshot: %s", e)
         return None, None, 0
     version = int(snap[b"version"])
-    log.info("started from the Redis snapshot at version %d (%d tokenized rows)", version, len(rows))
+    log.info(
+        "started from the Redis snapshot at version %d (%d tokenized rows)", version, len(rows)
+    )
     return live, epoch.decode(), version

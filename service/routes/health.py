@@ -28,6 +28,8 @@ async def readyz(request: Request) -> Response:
             ready=state.ready(),
             checks=state.checks(),
             model_version=state.model_version,
+            engine=state.settings.engine,
+            device=state.info.get("device"),
             catalogue_items=live.n_active,
             catalogue_version=state.store.version,
         )

@@ -15,7 +15,9 @@ async def get_item(item_id: str, store: StoreDep) -> ItemResponse:
     """An active catalogue item (bundle or tokenized) with its current codes."""
     row = store.live.row_of(item_id)
     if row is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"item_id {item_id!r} is not in the catalogue")
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"item_id {item_id!r} is not in the catalogue"
+        )
     view = store.live.item(row)
     return ItemResponse(
         item_id=view.item_id, codes=list(view.codes), title=view.title, source=view.source

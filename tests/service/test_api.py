@@ -50,6 +50,7 @@ def test_health_ready_docs(client: httpx.Client, bundle: Bundle) -> None:
     assert body["ready"] and all(body["checks"].values())
     assert body["catalogue_items"] >= len(bundle.catalogue)
     assert body["model_version"].endswith(bundle.manifest.created_at)
+    assert body["engine"] == "torch" and body["device"] == "cpu"
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/recommend", "/recommend/batch", "/tokenize", "/items/{item_id}"} <= set(paths)
@@ -138,7 +139,11 @@ def test_get_item(client: httpx.Client, bundle: Bundle) -> None:
 
 
 # ---- /tokenize -------------------------------------------------------------------------------
-NEW_ITEM = {"item_id": "new-1", "title": "Harbour view ramen bar", "description": "noodles, 5 stars"}
+NEW_ITEM = {
+    "item_id": "new-1",
+    "title": "Harbour view ramen bar",
+    "description": "noodles, 5 stars",
+}
 
 
 def catalogue_size(client: httpx.Client) -> int:
@@ -152,8 +157,9 @@ def test_tokenize_without_valid_key_is_401_and_changes_nothing(
     client: httpx.Client, headers: dict[str, str]
 ) -> None:
     before = catalogue_size(client)
-    r = client.post("/tokenize", json={"items": [{"item_id": "sneaky", "title": "x"}]},
-                    headers=headers)
+    r = client.post(
+        "/tokenize", json={"items": [{"item_id": "sneaky", "title": "x"}]}, headers=headers
+    )
     assert r.status_code == 401 and "Authorization" in r.json()["detail"]
     assert r.headers["www-authenticate"].startswith("Bearer")
     assert client.get("/items/sneaky").status_code == 404
@@ -207,7 +213,9 @@ def test_tokenize_a_batch_gets_unique_codes(client: httpx.Client, bundle: Bundle
     assert not set(codes) & bundle_codes
 
 
-def test_tokenize_extra_fields_and_bundle_item_replace(client: httpx.Client, bundle: Bundle) -> None:
+def test_tokenize_extra_fields_and_bundle_item_replace(
+    client: httpx.Client, bundle: Bundle
+) -> None:
     target = bundle.catalogue.item_ids[7]
     item = {"item_id": target, "title": "A completely different shop", "city": "Oslo"}
     conflict = client.post("/tokenize", json={"items": [item]}, headers=AUTH)
@@ -272,8 +280,9 @@ def test_wrong_method_content_type_and_oversized_body(client: httpx.Client) -> N
     assert client.get("/recommend").status_code == 405
     plain = client.post("/recommend", content=b"hello", headers={"Content-Type": "text/plain"})
     assert plain.status_code == 422
-    huge = client.post("/recommend", content=b" " * (5 * 1024 * 1024),
-                       headers={"Content-Type": "application/json"})
+    huge = client.post(
+        "/recommend", content=b" " * (5 * 1024 * 1024), headers={"Content-Type": "application/json"}
+    )
     assert huge.status_code == 413 and "max_body_bytes" in huge.text
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: the streamed size is checked
@@ -282,8 +291,9 @@ def test_wrong_method_content_type_and_oversized_body(client: httpx.Client) -> N
             yield json.dumps(["y" * 100] * 200).encode()[1:-1] + b","
         yield b'"z"]}'
 
-    streamed = client.post("/recommend", content=chunks(),
-                           headers={"Content-Type": "application/json"})
+    streamed = client.post(
+        "/recommend", content=chunks(), headers={"Content-Type": "application/json"}
+    )
     assert streamed.status_code == 413
 
 
@@ -343,21 +353,34 @@ def test_odd_raw_bodies_are_4xx(client: httpx.Client, path: str, raw: bytes) -> 
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 ids_or_junk = st.lists(st.text(max_size=12) | json_values, max_size=5) | json_values
 recommend_bodies = st.fixed_dictionaries(
     {},
-    optional={"history": ids_or_junk, "k": st.integers(-5, 120) | json_values,
-              "exclude": ids_or_junk, "exclude_history": st.booleans() | json_values},
+    optional={
+        "history": ids_or_junk,
+        "k": st.integers(-5, 120) | json_values,
+        "exclude": ids_or_junk,
+        "exclude_history": st.booleans() | json_values,
+    },
 )
 tokenize_items = st.fixed_dictionaries(
     {},
-    optional={"item_id": st.text(max_size=12) | json_values, "title": st.text(max_size=30),
-              "description": st.text(max_size=30) | json_values, "tag": st.text(max_size=5)},
+    optional={
+        "item_id": st.text(max_size=12) | json_values,
+        "title": st.text(max_size=30),
+        "description": st.text(max_size=30) | json_values,
+        "tag": st.text(max_size=5),
+    },
 )
 tokenize_bodies = st.fixed_dictionaries(
     {"items": st.lists(tokenize_items, max_size=3) | json_values},

@@ -34,7 +34,9 @@ def test_key_matches_any_configured_key() -> None:
         ("Bearer k", [], "LETTERREC_API_KEYS"),
     ],
 )
-def test_check_api_key_rejects_with_reason(header: str | None, keys: list[bytes], fragment: str) -> None:
+def test_check_api_key_rejects_with_reason(
+    header: str | None, keys: list[bytes], fragment: str
+) -> None:
     with pytest.raises(HTTPException) as err:
         check_api_key(header, keys)
     assert err.value.status_code == 401

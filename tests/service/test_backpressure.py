@@ -15,7 +15,10 @@ from tests.service.conftest import AUTH, LiveServer, live_server, service_settin
 @pytest.fixture(scope="module")
 def server(tiny_bundle: Path) -> Iterator[LiveServer]:
     settings = service_settings(
-        tiny_bundle, queue_size=4, max_batch_size=2, max_wait_ms=20.0,
+        tiny_bundle,
+        queue_size=4,
+        max_batch_size=2,
+        max_wait_ms=20.0,
         require_key_for_recommend=True,
     )
     with live_server(settings) as srv:

@@ -4,7 +4,6 @@ graceful shutdown. The tests run in order and share the replicas (module scope).
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,9 @@ from tests.service.conftest import (
 
 
 @pytest.fixture(scope="module")
-def replicas(tiny_bundle: Path, redis_server: RedisServer) -> Iterator[tuple[LiveServer, LiveServer]]:
+def replicas(
+    tiny_bundle: Path, redis_server: RedisServer
+) -> Iterator[tuple[LiveServer, LiveServer]]:
     settings = service_settings(tiny_bundle, redis_url=redis_server.url)
     with live_server(settings) as a, live_server(settings) as b:
         yield a, b
@@ -114,16 +115,20 @@ def test_redis_back_replicas_converge(
     r = tokenize(b, {"item_id": "after-outage", "title": "Night market noodle cart"})
     assert r.status_code == 200, r.text
     wait_until(lambda: item_status(a, "after-outage") == 200, timeout_s=3)
-    assert only_new_items(a, bundle_ids) == only_new_items(b, bundle_ids) == [
-        "after-outage", "shared-1"
-    ]
+    assert (
+        only_new_items(a, bundle_ids)
+        == only_new_items(b, bundle_ids)
+        == ["after-outage", "shared-1"]
+    )
     with a.client() as ca, b.client() as cb:
         assert ca.get("/readyz").json()["catalogue_version"] == 2
         assert cb.get("/readyz").json()["catalogue_version"] == 2
 
 
 def test_a_new_replica_starts_from_redis(
-    tiny_bundle: Path, redis_server: RedisServer, bundle_ids: list[str],
+    tiny_bundle: Path,
+    redis_server: RedisServer,
+    bundle_ids: list[str],
     replicas: tuple[LiveServer, LiveServer],
 ) -> None:
     settings = service_settings(tiny_bundle, redis_url=redis_server.url)
@@ -135,17 +140,21 @@ def test_graceful_shutdown_finishes_in_flight_requests(
     replicas: tuple[LiveServer, LiveServer],
 ) -> None:
     _, b = replicas
-    results: list[int] = []
+    results: list[int | str] = []
 
     def call() -> None:
-        with b.client() as c:
-            r = c.post("/recommend/batch", json={"requests": [{"k": 50}] * 64})
-            results.append(r.status_code)
+        try:
+            with b.client() as c:
+                r = c.post("/recommend/batch", json={"requests": [{"k": 50}] * 64})
+                results.append(r.status_code)
+        except httpx.HTTPError as e:
+            results.append(repr(e))
 
     threads = [threading.Thread(target=call) for _ in range(3)]
     for t in threads:
         t.start()
-    time.sleep(0.3)  # requests are queued or decoding
+    registry = b.app.state.metrics.registry
+    wait_until(lambda: registry.get_sample_value("letterrec_inflight_requests") >= 3, 10, 0.005)
     b.stop()
     for t in threads:
         t.join(60)

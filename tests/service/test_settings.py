@@ -29,8 +29,15 @@ def test_environment_is_read_with_prefix(monkeypatch: pytest.MonkeyPatch) -> Non
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("max_batch_size", 0), ("queue_size", 0), ("beam_width", 0), ("request_timeout_s", 0),
-     ("device", "tpu"), ("max_wait_ms", -1), ("max_body_bytes", 10)],
+    [
+        ("max_batch_size", 0),
+        ("queue_size", 0),
+        ("beam_width", 0),
+        ("request_timeout_s", 0),
+        ("device", "tpu"),
+        ("max_wait_ms", -1),
+        ("max_body_bytes", 10),
+    ],
 )
 def test_out_of_bounds_values_are_rejected(field: str, value: object) -> None:
     with pytest.raises(ValidationError) as err:

@@ -35,8 +35,14 @@ def free(store: RedisStore, count: int, skip: int = 0) -> list[tuple[int, ...]]:
 async def make(server: RedisServer, namespace: str, metrics: Metrics | None = None) -> RedisStore:
     cat = catalogue()
     store = await RedisStore.create(
-        cat, N, url=server.url, namespace=namespace, fingerprint=bundle_fingerprint(cat, "t"),
-        metrics=metrics or Metrics(), timeout_s=0.5, sync_interval_s=0.05,
+        cat,
+        N,
+        url=server.url,
+        namespace=namespace,
+        fingerprint=bundle_fingerprint(cat, "t"),
+        metrics=metrics or Metrics(),
+        timeout_s=0.5,
+        sync_interval_s=0.05,
     )
     await store.start()
     return store
@@ -127,7 +133,9 @@ async def test_redis_down_commit_fails_and_recovery_reseeds(redis_server: RedisS
             await commit(a, [entry("lost", c2)])
         assert a.live.row_of("lost") is None  # never applied without being stored
         await eventually(lambda: not a.healthy and not b.healthy)
-        assert metrics.registry.get_sample_value("letterrec_redis_errors_total", {"op": "sync"}) >= 1
+        assert (
+            metrics.registry.get_sample_value("letterrec_redis_errors_total", {"op": "sync"}) >= 1
+        )
         redis_server.start()
         await eventually(lambda: a.healthy and b.healthy, 5.0)
         log = redis_server.client().lrange(a.k_log, 0, -1)
@@ -165,12 +173,20 @@ async def test_unreachable_redis_at_start_serves_the_bundle() -> None:
     cat = catalogue()
     metrics = Metrics()
     store = await RedisStore.create(
-        cat, N, url="redis://127.0.0.1:1/0", namespace="x", fingerprint="f", metrics=metrics,
-        timeout_s=0.2, sync_interval_s=0.05,
+        cat,
+        N,
+        url="redis://127.0.0.1:1/0",
+        namespace="x",
+        fingerprint="f",
+        metrics=metrics,
+        timeout_s=0.2,
+        sync_interval_s=0.05,
     )
     await store.start()
     try:
         assert not store.healthy and store.live.n_active == 30
-        assert metrics.registry.get_sample_value("letterrec_redis_errors_total", {"op": "load"}) == 1
+        assert (
+            metrics.registry.get_sample_value("letterrec_redis_errors_total", {"op": "load"}) == 1
+        )
     finally:
         await store.close()
