@@ -152,7 +152,8 @@ def _make_engine(settings: Settings, bundle: Bundle) -> DecodeEngine:
 
     if not bundle.has_lm():
         raise RuntimeError(f"{bundle.root}: the bundle has no recommender (lm/config.json)")
-    engine_cls = load_engine_class(settings.engine)
+    # Engines share one constructor signature (model_dir, vocab, device, dtype, beam, batch).
+    engine_cls: Callable[..., DecodeEngine] = load_engine_class(settings.engine)
     return engine_cls(
         bundle.lm_dir,
         bundle.vocab,

@@ -28,40 +28,40 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the recommender runs; `auto` picks cuda when torch sees a GPU, else cpu."""
 
-    engine: str = Field("torch", min_length=1, max_length=32)
+    engine: str = Field(default="torch", min_length=1, max_length=32)
     """Decoding engine name from `service.engines` (torch or vllm)."""
 
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Weight dtype for the decoding engine."""
 
-    beam_width: int = Field(20, ge=1, le=512)
+    beam_width: int = Field(default=20, ge=1, le=512)
     """Beam width of the trie-constrained beam search."""
 
-    max_batch_size: int = Field(64, ge=1, le=4096)
+    max_batch_size: int = Field(default=64, ge=1, le=4096)
     """Most user requests decoded together in one batch."""
 
-    max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0)
+    max_wait_ms: float = Field(default=5.0, ge=0.0, le=1000.0)
     """How long the first request of a batch waits for company before decoding starts."""
 
-    queue_size: int = Field(1024, ge=1, le=1_000_000)
+    queue_size: int = Field(default=1024, ge=1, le=1_000_000)
     """Requests allowed to wait for decoding; beyond it the service answers 503 + Retry-After."""
 
-    request_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
+    request_timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0)
     """Per-request limit on queueing plus decoding; past it the request gets 504."""
 
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     """Largest accepted request body; larger bodies get 413."""
 
     redis_url: SecretStr | None = None
     """Redis URL (redis://host:port/db). Unset: the catalogue and trie live in-process only."""
 
-    redis_namespace: str = Field("letterrec", min_length=1, max_length=64)
+    redis_namespace: str = Field(default="letterrec", min_length=1, max_length=64)
     """Key prefix in Redis; the bundle fingerprint is appended so bundles never mix."""
 
-    redis_timeout_s: float = Field(1.0, gt=0.0, le=60.0)
+    redis_timeout_s: float = Field(default=1.0, gt=0.0, le=60.0)
     """Socket connect/read timeout for Redis calls, so a dead Redis fails fast."""
 
-    sync_interval_s: float = Field(0.25, gt=0.0, le=60.0)
+    sync_interval_s: float = Field(default=0.25, gt=0.0, le=60.0)
     """Version-polling period towards Redis (pub/sub wakes replicas sooner)."""
 
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     """Log level of the service and of uvicorn."""
 
-    shutdown_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
+    shutdown_timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0)
     """On shutdown, how long queued requests may take to finish before they are failed."""
 
     @field_validator("api_keys", mode="before")

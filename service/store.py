@@ -22,7 +22,7 @@ import logging
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -75,7 +75,7 @@ class ItemView:
     title: str
     text_hash: str | None
     """None for bundle items (the bundle does not keep their text)."""
-    source: str
+    source: Literal["bundle", "tokenized"]
 
 
 class LiveCatalogue:

@@ -29,7 +29,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.backoff import ExponentialBackoff
@@ -181,7 +181,9 @@ class RedisStore(CatalogueStore):
     async def _sync(self) -> None:
         for _ in range(3):
             async with self.redis.pipeline(transaction=False) as pipe:
-                epoch_raw, length = await pipe.get(self.k_epoch).llen(self.k_log).execute()
+                pipe.get(self.k_epoch)
+                pipe.llen(self.k_log)
+                epoch_raw, length = await pipe.execute()
             epoch = epoch_raw.decode() if epoch_raw is not None else None
             if epoch is None:
                 await self._seed()
@@ -322,8 +324,9 @@ class RedisStore(CatalogueStore):
 async def _load_snapshot(
     redis: Redis, prefix: str, catalogue: Catalogue
 ) -> tuple[LiveCatalogue | None, str | None, int]:
-    snap = await redis.hgetall(f"{prefix}:snapshot")
-    epoch = await redis.get(f"{prefix}:epoch")
+    # The client is built without decode_responses: keys and values are bytes.
+    snap = cast(dict[bytes, bytes], await redis.hgetall(f"{prefix}:snapshot"))
+    epoch = cast(bytes | None, await redis.get(f"{prefix}:epoch"))
     if not snap or epoch is None or snap.get(b"epoch") != epoch:
         return None, None, 0
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends
 
 from service.deps import RecommendDep, require_read_key
@@ -14,7 +16,7 @@ from service.schemas import (
 
 router = APIRouter(tags=["recommend"], dependencies=[Depends(require_read_key)])
 
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "API key required (when LETTERREC_REQUIRE_KEY_FOR_RECOMMEND is set)"},
     503: {"description": "Queue full or shutting down; see Retry-After"},
     504: {"description": "Not decoded within the request timeout"},
