@@ -22,7 +22,13 @@ from service.deps import ServiceState
 from service.engines.base import DecodeEngine, DecodeRequest, Recommendation
 from service.metrics import Metrics, MetricsMiddleware
 from service.routes import ROUTERS
-from service.serving import Conflict, ServingRecommend, ServingTokenize, Unavailable
+from service.serving import (
+    CatalogueFull,
+    Conflict,
+    ServingRecommend,
+    ServingTokenize,
+    Unavailable,
+)
 from service.settings import Settings
 from service.store import CatalogueStore, LiveCatalogue
 
@@ -249,6 +255,12 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             {"detail": "the request was not decoded within request_timeout_s; retry later"},
             status.HTTP_504_GATEWAY_TIMEOUT,
+        )
+
+    @app.exception_handler(CatalogueFull)
+    async def _full(request: Request, exc: CatalogueFull) -> JSONResponse:
+        return JSONResponse(
+            {"detail": f"catalogue full: {exc}"}, status.HTTP_507_INSUFFICIENT_STORAGE
         )
 
     @app.exception_handler(Conflict)

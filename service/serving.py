@@ -44,6 +44,10 @@ class Conflict(Exception):
         self.detail = detail
 
 
+class CatalogueFull(Exception):
+    """No free identifier is left in the code space for a new item."""
+
+
 class Unavailable(Exception):
     """A dependency (tokenizer, store) cannot serve the request now."""
 
@@ -207,9 +211,14 @@ class ServingTokenize:
         rows = {i: live.row_of(req.items[i].item_id) for i in todo}
         # An item being re-tokenized may keep (or swap into) its own old identifier.
         free = frozenset(r for r in rows.values() if r is not None)
-        codes = self.tokenizer.encode(
-            [fields[i] for i in todo], is_taken=lambda c: live.is_taken(tuple(c), free)
-        )
+        try:
+            codes = self.tokenizer.encode(
+                [fields[i] for i in todo], is_taken=lambda c: live.is_taken(tuple(c), free)
+            )
+        except ValueError as e:
+            if "exhausted" in str(e):
+                raise CatalogueFull(str(e)) from e
+            raise
         conflicts: list[dict[str, Any]] = []
         for j, i in enumerate(todo):
             item, row = req.items[i], rows[i]
