@@ -113,6 +113,7 @@ class RedisStore(CatalogueStore):
         self._tasks: list[asyncio.Task[None]] = []
         self._snapshot_dirty = False
         self._snapshot_at = 0.0
+        self._recommit: dict[str, Entry] = {}
         for op in REDIS_OPS:  # export every series from the start, at 0
             metrics.redis_errors.labels(op)
 
@@ -193,11 +194,15 @@ class RedisStore(CatalogueStore):
             else:
                 if length > self.version:
                     await self._apply_range(self.version, length)
+                await self._recommit_missing()
                 return
 
     async def _apply_range(self, start: int, stop: int) -> None:
         raw = await self.redis.lrange(self.k_log, start, stop - 1)
-        await self.apply_local(Entry.from_json(r) for r in raw)
+        entries = [Entry.from_json(r) for r in raw]
+        for e in entries:  # someone else stored it: the log's version wins
+            self._recommit.pop(e.item_id, None)
+        await self.apply_local(entries)
         self.version = start + len(raw)
 
     async def _seed(self) -> None:
@@ -216,18 +221,26 @@ class RedisStore(CatalogueStore):
             self._snapshot_dirty = True
 
     async def _adopt(self, epoch: str) -> None:
-        """Take over another epoch's log, then re-commit items only this replica holds."""
+        """Take over another epoch's log; items only this replica holds are re-committed."""
         raw = await self.redis.lrange(self.k_log, 0, -1)
         entries = [Entry.from_json(r) for r in raw]
         known = {e.item_id for e in entries}
-        mine = [e for e in self.live.tokenized_entries() if e.item_id not in known]
+        self._recommit = {
+            e.item_id: e for e in self.live.tokenized_entries() if e.item_id not in known
+        }
         await self.apply_local(entries)
         self._epoch, self.version = epoch, len(entries)
         log.info("adopted Redis log %s (%d entries)", epoch[:8], len(entries))
-        if mine:
-            log.info("re-committing %d items the Redis log lacks", len(mine))
-            with contextlib.suppress(StaleVersion):
-                await self.commit(mine)
+        await self._recommit_missing()
+
+    async def _recommit_missing(self) -> None:
+        """Push acknowledged items the current log lacks; a lost race retries next round."""
+        if not self._recommit:
+            return
+        log.info("re-committing %d items the Redis log lacks", len(self._recommit))
+        with contextlib.suppress(StaleVersion):
+            await self.commit(list(self._recommit.values()))
+            self._recommit.clear()
 
     async def commit(self, entries: Sequence[Entry]) -> list[str]:
         if self._epoch is None:

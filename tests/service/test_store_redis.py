@@ -148,22 +148,27 @@ async def test_redis_down_commit_fails_and_recovery_reseeds(redis_server: RedisS
         await b.close()
 
 
-async def test_replica_adopts_and_recommits_items_only_it_held(redis_server: RedisServer) -> None:
+async def test_after_a_reset_every_replica_recommits_what_only_it_held(
+    redis_server: RedisServer,
+) -> None:
     a = await make(redis_server, "adopt")
     b = await make(redis_server, "adopt")
     try:
-        c1, c2 = free(a, 2)
+        c1, c2, c3 = free(a, 3)
         await commit(a, [entry("shared", c1)])
         await eventually(lambda: b.live.row_of("shared") is not None)
-        # Simulate a reset that a (alone) re-seeds before b applied b's private item.
-        client = redis_server.client()
+        # Each replica holds an item the other never saw (acknowledged just before a reset).
+        async with a.writer:
+            await a.apply_local([entry("only-a", c2)])
         async with b.writer:
-            await b.apply_local([entry("only-b", c2)])
+            await b.apply_local([entry("only-b", c3)])
+        client = redis_server.client()
         client.delete(a.k_epoch, a.k_log, a.k_snapshot)
-        await eventually(lambda: client.llen(a.k_log) == 2, 5.0)
+        await eventually(lambda: client.llen(a.k_log) == 3, 5.0)
         ids = sorted(Entry.from_json(r).item_id for r in client.lrange(a.k_log, 0, -1))
-        assert ids == ["only-b", "shared"]
-        await eventually(lambda: a.live.row_of("only-b") is not None)
+        assert ids == ["only-a", "only-b", "shared"]
+        for store in (a, b):
+            await eventually(lambda s=store: s.live.n_active == 33 and s.version == 3)
     finally:
         await a.close()
         await b.close()
