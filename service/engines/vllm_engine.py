@@ -103,7 +103,15 @@ class VllmEngine(DecodeEngine):
         kv_cache_gib: float = 1.0,
         gpu_memory_utilization: float = 0.5,
         max_num_seqs: int = 1024,
+        enforce_eager: bool = False,
     ) -> None:
+        """Start vLLM on `model_dir` (a Hugging Face directory whose vocabulary follows `vocab`).
+
+        kv_cache_gib: CPU KV cache size (VLLM_CPU_KVCACHE_SPACE, when set, wins).
+        gpu_memory_utilization: share of GPU memory vLLM may take (weights + KV cache).
+        max_num_seqs: beams vLLM runs in one forward; larger batches amortise per-step overhead.
+        enforce_eager: skip torch.compile (faster start, slower steps); tests use it.
+        """
         if beam_width < 1 or max_batch < 1:
             raise ValueError(
                 f"beam_width and max_batch must be >= 1, got {beam_width}, {max_batch}"
@@ -113,16 +121,18 @@ class VllmEngine(DecodeEngine):
         self.max_batch = max_batch
         self.device = device
         self.dtype = dtype
-        self.max_model_len = _max_model_len(Path(model_dir), vocab)
+        config = _read_config(Path(model_dir), vocab)
+        self.max_model_len = _max_model_len(config, vocab)
         self._llm = _make_llm(
             Path(model_dir),
-            vocab,
+            config,
             device,
             dtype,
             self.max_model_len,
             kv_cache_gib=kv_cache_gib,
             gpu_memory_utilization=gpu_memory_utilization,
             max_num_seqs=max_num_seqs,
+            enforce_eager=enforce_eager,
         )
 
     # ---- DecodeEngine -----------------------------------------------------------------------
@@ -203,10 +213,9 @@ class VllmEngine(DecodeEngine):
         """The vLLM requests of one level: every live beam with its allowed next tokens."""
         first = self.vocab.level_start(level)
         calls: list[_Call] = []
-        for s_idx, search in enumerate(searches):
-            if search.done:
-                continue
-            allowed = _allowed(search, level, tensors)  # [B, N] bool
+        for s_idx, (search, allowed) in enumerate(
+            zip(searches, _allowed(searches, level, tensors), strict=True)
+        ):
             for beam in range(search.keys.size):
                 codes = np.flatnonzero(allowed[beam])
                 path = search.paths[beam]
@@ -227,8 +236,14 @@ class VllmEngine(DecodeEngine):
 
         prompts = [TokensPrompt(prompt_token_ids=c.prompt) for c in calls]
         params = [
+            # skip_clone: each params object belongs to one request, so vLLM's defensive deep
+            # copy (a third of the per-request overhead) is not needed.
             SamplingParams(
-                max_tokens=1, temperature=0.0, logprob_token_ids=c.token_ids, detokenize=False
+                max_tokens=1,
+                temperature=0.0,
+                logprob_token_ids=c.token_ids,
+                detokenize=False,
+                skip_clone=True,
             )
             for c in calls
         ]
@@ -238,16 +253,25 @@ class VllmEngine(DecodeEngine):
 
 
 # ---- pure steps (no vLLM) ---------------------------------------------------------------------
-def _allowed(search: _Search, level: int, tensors: TrieTensors) -> np.ndarray:
-    """[B, N] bool: child codes of each beam that still lead to an active, non-excluded item."""
-    counts = tensors.child_counts(torch.from_numpy(search.keys), level).numpy().astype(np.int64)
-    if search.excluded.size:
-        n = tensors.codebook_size
-        powers = n ** np.arange(level - 1, -1, -1, dtype=np.int64)
-        ex_prefix = search.excluded[:, :level] @ powers  # [m] packed length-`level` prefixes
-        beam_idx, ex_idx = np.nonzero(search.keys[:, None] == ex_prefix[None, :])  # under a beam
-        np.subtract.at(counts, (beam_idx, search.excluded[ex_idx, level]), 1)
-    return counts > 0
+def _allowed(searches: list[_Search], level: int, tensors: TrieTensors) -> list[np.ndarray]:
+    """Per search, [B, N] bool: children of each beam that still lead to a non-excluded item."""
+    keys = np.concatenate([s.keys for s in searches])  # [sum B]
+    # One trie query for all beams of the batch: per-call tensor overhead dominates small ones.
+    counts = tensors.child_counts(torch.from_numpy(keys), level).numpy().astype(np.int64)
+    splits = np.cumsum([s.keys.size for s in searches])[:-1]
+    out = np.split(counts, splits)  # views, one per search
+    for search, c in zip(searches, out, strict=True):
+        if search.excluded.size and search.keys.size:
+            _subtract_excluded(c, search, level, tensors.codebook_size)
+    return [c > 0 for c in out]
+
+
+def _subtract_excluded(counts: np.ndarray, search: _Search, level: int, n: int) -> None:
+    """counts [B, N] -= excluded active items under each (beam prefix + code)."""
+    powers = n ** np.arange(level - 1, -1, -1, dtype=np.int64)
+    ex_prefix = search.excluded[:, :level] @ powers  # [m] packed length-`level` prefixes
+    beam_idx, ex_idx = np.nonzero(search.keys[:, None] == ex_prefix[None, :])  # [hits]
+    np.subtract.at(counts, (beam_idx, search.excluded[ex_idx, level]), 1)
 
 
 def _advance(
@@ -298,15 +322,27 @@ def _token_logprobs(output: Any, token_ids: list[int]) -> np.ndarray:
 
 
 # ---- building the vLLM instance ---------------------------------------------------------------
-def _max_model_len(model_dir: Path, vocab: CodeVocab) -> int:
+def _read_config(model_dir: Path, vocab: CodeVocab) -> dict[str, Any]:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.json; pass a Hugging Face model directory")
+    config = json.loads(path.read_text())
+    if int(config.get("vocab_size", 0)) < vocab.vocab_size:
+        raise ValueError(
+            f"{path}: vocab_size {config.get('vocab_size')} is smaller than the code layout's "
+            f"{vocab.vocab_size} (levels={vocab.levels}, N={vocab.codebook_size}); "
+            "use the model and vocabulary of one bundle"
+        )
+    return config
+
+
+def _max_model_len(config: dict[str, Any], vocab: CodeVocab) -> int:
     """Room for the longest prompt plus the L generated tokens, capped by the model's positions."""
     need = 1 + vocab.history_items * vocab.levels + vocab.levels
-    config = json.loads((model_dir / "config.json").read_text())
     return min(need, int(config.get("max_position_embeddings", need)))
 
 
-def _check_cpu_model(model_dir: Path) -> None:
-    config = json.loads((model_dir / "config.json").read_text())
+def _check_cpu_model(config: dict[str, Any], model_dir: Path) -> None:
     head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     if head not in CPU_ATTENTION_HEAD_SIZES:
         raise ValueError(
@@ -318,7 +354,7 @@ def _check_cpu_model(model_dir: Path) -> None:
 
 def _make_llm(
     model_dir: Path,
-    vocab: CodeVocab,
+    config: dict[str, Any],
     device: str,
     dtype: str,
     max_model_len: int,
@@ -326,9 +362,8 @@ def _make_llm(
     kv_cache_gib: float,
     gpu_memory_utilization: float,
     max_num_seqs: int,
+    enforce_eager: bool,
 ) -> Any:
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: no config.json; pass a Hugging Face model directory")
     try:
         from vllm import LLM
         from vllm.platforms import current_platform
@@ -342,7 +377,7 @@ def _make_llm(
         raise ValueError(f"device={device!r} but the installed vLLM runs on {platform}")
     kwargs: dict[str, Any] = {}
     if on_cpu:
-        _check_cpu_model(model_dir)
+        _check_cpu_model(config, model_dir)
         kwargs["block_size"] = CPU_BLOCK_SIZE
         # An explicit VLLM_CPU_KVCACHE_SPACE wins (vLLM reads it); otherwise stay small: the
         # machine is shared and a decode batch needs little KV (prompts share cached blocks).
@@ -363,5 +398,6 @@ def _make_llm(
         max_num_batched_tokens=max(max_num_seqs * 8, max_model_len * 16),
         seed=0,
         disable_log_stats=True,
+        enforce_eager=enforce_eager,
         **kwargs,
     )

@@ -47,40 +47,50 @@ def dict_trie(codes: np.ndarray, vocab: CodeVocab) -> dict[tuple[int, ...], list
 
 def hf_reference(
     model: torch.nn.Module,
-    prompt: list[int],
+    prompts: Sequence[list[int]],
     k: int,
     codes: np.ndarray,
     items: np.ndarray,
     vocab: CodeVocab,
     beam: int,
-) -> list[Recommendation]:
-    """Top-k of `generate(num_beams=max(beam, k), prefix_allowed_tokens_fn=dict trie)`."""
+) -> list[list[Recommendation]]:
+    """Top-k of `generate(num_beams=max(beam, k), prefix_allowed_tokens_fn=dict trie)`.
+
+    Prompts of one length run as one batch (no padding, so nothing but the batch differs).
+    """
     width = max(beam, k)
     allowed = dict_trie(codes, vocab)
-
-    def allowed_fn(_batch: int, ids: torch.Tensor) -> list[int]:
-        return allowed[tuple(ids[len(prompt) :].tolist())]
-
-    out = model.generate(
-        torch.tensor([prompt]),
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        num_beams=width,
-        num_return_sequences=min(k, width),
-        prefix_allowed_tokens_fn=allowed_fn,
-        length_penalty=0.0,
-        do_sample=False,
-        max_new_tokens=vocab.levels,
-        min_new_tokens=vocab.levels,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
     by_codes = {tuple(c): int(i) for c, i in zip(codes.tolist(), items.tolist(), strict=True)}
-    recs = []
-    for seq, score in zip(out.sequences.tolist(), out.sequences_scores.tolist(), strict=True):
-        if score > FILLER:
-            item_codes = tuple(vocab.codes(np.array(seq[len(prompt) :])).tolist())
-            recs.append(Recommendation(by_codes[item_codes], float(score)))
-    return recs
+    out: list[list[Recommendation]] = [[] for _ in prompts]
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    for n, rows in by_len.items():
+
+        def allowed_fn(_batch: int, ids: torch.Tensor, n: int = n) -> list[int]:
+            return allowed[tuple(ids[n:].tolist())]
+
+        gen = model.generate(
+            torch.tensor([prompts[i] for i in rows]),
+            attention_mask=torch.ones(len(rows), n, dtype=torch.long),
+            num_beams=width,
+            num_return_sequences=min(k, width),
+            prefix_allowed_tokens_fn=allowed_fn,
+            length_penalty=0.0,
+            do_sample=False,
+            max_new_tokens=vocab.levels,
+            min_new_tokens=vocab.levels,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        seqs = gen.sequences.view(len(rows), -1, n + vocab.levels)[:, :, n:]
+        scores = gen.sequences_scores.view(len(rows), -1)
+        for row, row_seqs, row_scores in zip(rows, seqs.tolist(), scores.tolist(), strict=True):
+            for seq, score in zip(row_seqs, row_scores, strict=True):
+                if score > FILLER:
+                    item = by_codes[tuple(vocab.codes(np.array(seq)).tolist())]
+                    out[row].append(Recommendation(item, float(score)))
+    return out
 
 
 def assert_same(got: Sequence[Recommendation], want: Sequence[Recommendation], where: str) -> None:
@@ -110,7 +120,8 @@ def hf_model(model_dir: Path) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def engine(model_dir: Path) -> Iterator[VllmEngine]:
-    eng = VllmEngine(model_dir, VOCAB, beam_width=BEAM, max_batch=64)
+    # Eager mode: torch.compile would add ~30 s to the start and changes nothing the tests check.
+    eng = VllmEngine(model_dir, VOCAB, beam_width=BEAM, max_batch=64, enforce_eager=True)
     yield eng
     eng.close()
 
@@ -134,11 +145,11 @@ def test_equals_hf_generate(
     trie = ItemTrie.from_codes(catalogue, VOCAB.codebook_size)
     requests = [DecodeRequest(prompt_of(h, catalogue), k=5) for h in histories]
     got = engine.recommend(requests, trie)
-    items = np.arange(len(catalogue))
-    for i, (req, recs) in enumerate(zip(requests, got, strict=True)):
-        want = hf_reference(hf_model, req.prompt, req.k, catalogue, items, VOCAB, BEAM)
-        assert len(want) == req.k
-        assert_same(recs, want, f"history {i}: {histories[i].tolist()}")
+    prompts = [r.prompt for r in requests]
+    want = hf_reference(hf_model, prompts, 5, catalogue, np.arange(len(catalogue)), VOCAB, BEAM)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert len(w) == 5
+        assert_same(g, w, f"history {i}: {histories[i].tolist()}")
 
 
 def test_exclusions_equal_reference_without_those_items(
@@ -156,7 +167,7 @@ def test_exclusions_equal_reference_without_those_items(
     got = engine.recommend(requests, trie)
     for i, (req, recs) in enumerate(zip(requests, got, strict=True)):
         keep = np.array(sorted(set(range(len(catalogue))) - req.exclude))
-        want = hf_reference(hf_model, req.prompt, req.k, catalogue[keep], keep, VOCAB, BEAM)
+        [want] = hf_reference(hf_model, [req.prompt], req.k, catalogue[keep], keep, VOCAB, BEAM)
         assert not {r.item_index for r in recs} & req.exclude
         assert_same(recs, want, f"history {i} excluding {sorted(req.exclude)}")
 
@@ -180,11 +191,11 @@ def test_k_above_beam_width_widens_the_beam(
     k = BEAM + 7
     requests = [DecodeRequest(prompt_of(h, catalogue), k=k) for h in histories[:15]]
     got = engine.recommend(requests, trie)
-    items = np.arange(len(catalogue))
-    for i, (req, recs) in enumerate(zip(requests, got, strict=True)):
-        assert len(recs) == k
-        want = hf_reference(hf_model, req.prompt, k, catalogue, items, VOCAB, BEAM)
-        assert_same(recs, want, f"history {i}, k={k}")
+    prompts = [r.prompt for r in requests]
+    want = hf_reference(hf_model, prompts, k, catalogue, np.arange(len(catalogue)), VOCAB, BEAM)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert len(g) == k
+        assert_same(g, w, f"history {i}, k={k}")
 
 
 def test_deactivated_and_added_items(engine: VllmEngine, catalogue: np.ndarray) -> None:
