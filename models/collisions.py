@@ -107,3 +107,27 @@ def resolve_collisions(
         moved=np.array(sorted(movers), dtype=np.int64),
         collisions_before=collisions_before,
     )
+
+
+def append_extra_token(
+    codes: np.ndarray, codebook_size: int, is_taken: TakenFn | None = None
+) -> np.ndarray:
+    """TIGER's scheme: keep every item's semantic codes and append one more code that numbers
+    the items sharing them (0, 1, 2, ... in row order, skipping tuples `is_taken`).
+    codes [n, L] -> [n, L + 1]."""
+    codes = np.asarray(codes, dtype=np.int64)
+    taken = is_taken or (lambda t: False)
+    next_free: dict[tuple[int, ...], int] = {}
+    extra = np.empty(len(codes), dtype=np.int64)
+    for i, row in enumerate(map(tuple, codes.tolist())):
+        c = next_free.get(row, 0)
+        while c < codebook_size and taken((*row, c)):
+            c += 1
+        if c >= codebook_size:
+            raise ValueError(
+                f"row {i}: more than {codebook_size} items share the codes {row}; "
+                "the extra token cannot tell them apart"
+            )
+        extra[i] = c
+        next_free[row] = c + 1
+    return np.concatenate([codes, extra[:, None]], axis=1)

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.collisions import resolve_collisions
+from models.collisions import append_extra_token, resolve_collisions
 from models.rqvae import RQVAE, RQVAEConfig
 from models.text_encoder import DEFAULT_ENCODER, TextEncoder
 
 CONFIG_FILE = "config.json"
+UNIQUENESS = ("resolve", "extra_token")
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -55,9 +56,17 @@ class TokenizerMeta:
     """Alias or local path of the text encoder."""
     encoder_fingerprint: str = ""
     template: TextTemplate = field(default_factory=TextTemplate)
+    uniqueness: str = "resolve"
+    """'resolve': re-assign colliding items to free codes (L levels); 'extra_token': TIGER's
+    extra level numbering the items that share their L codes (L + 1 levels)."""
+
+    def __post_init__(self) -> None:
+        if self.uniqueness not in UNIQUENESS:
+            raise ValueError(f"uniqueness '{self.uniqueness}': choose one of {UNIQUENESS}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "uniqueness": self.uniqueness,
             "rqvae": self.rqvae.to_dict(),
             "encoder": self.encoder,
             "encoder_fingerprint": self.encoder_fingerprint,
@@ -74,6 +83,7 @@ class TokenizerMeta:
             rqvae=RQVAEConfig.from_dict(d["rqvae"]),
             encoder=d.get("encoder", DEFAULT_ENCODER),
             encoder_fingerprint=d.get("encoder_fingerprint", ""),
+            uniqueness=d.get("uniqueness", "resolve"),
             template=TextTemplate(
                 tuple(t.get("fields", ("title", "description"))), t.get("separator", ". ")
             ),
@@ -101,7 +111,8 @@ class ItemTokenizer:
 
     @property
     def levels(self) -> int:
-        return self.meta.rqvae.levels
+        """Code levels of an identifier (one more with the extra-token scheme)."""
+        return self.meta.rqvae.levels + (self.meta.uniqueness == "extra_token")
 
     @property
     def codebook_size(self) -> int:
@@ -146,6 +157,8 @@ class ItemTokenizer:
         """embeddings [n, in_dim] -> unique codes [n, L], none of them `is_taken`."""
         latents = self.latents(embeddings)
         greedy = self.model.quantizer(latents).codes.cpu().numpy()
+        if self.meta.uniqueness == "extra_token":
+            return append_extra_token(greedy, self.codebook_size, is_taken)
         return resolve_collisions(greedy, self.distance_fn(latents), is_taken).codes
 
     def encode(

@@ -173,7 +173,9 @@ def stage_tokenizer(ws: Workspace) -> dict[str, Any]:
 
     main.tokenizer.save(ws.out / "tokenizer")
     vocab = CodeVocab(
-        levels=tcfg.levels, codebook_size=tcfg.codebook_size, history_items=ws.cfg.max_history
+        levels=main.tokenizer.levels,
+        codebook_size=tcfg.codebook_size,
+        history_items=ws.cfg.max_history,
     )
     catalogue = Catalogue(ds.item_ids, main.codes, [str(it.get("title", "")) for it in ds.items])
     manifest = Manifest(vocab=vocab, config=ws.cfg.to_dict(), data=ds.summary())

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from models.collisions import Resolution, resolve_collisions
+from models.collisions import Resolution, append_extra_token, resolve_collisions
 from models.item_tokenizer import ItemTokenizer, TextTemplate, TokenizerMeta
 from models.rqvae import RQVAE, RQVAEConfig
 from training.clustering import balanced_labels, kmeans
@@ -53,6 +53,8 @@ class TokenizerTrainConfig:
     restart_dead: bool = True
     restart_until: float = 0.8
     """Fraction of the epochs during which unused codes are restarted."""
+    uniqueness: str = "resolve"
+    """'resolve' (nearest free codes, L levels) or 'extra_token' (TIGER, L + 1 levels)."""
     epochs: int = 200
     batch_size: int = 1024
     lr: float = 1e-3
@@ -201,12 +203,18 @@ def train_tokenizer(
         encoder=encoder,
         encoder_fingerprint=encoder_fingerprint,
         template=template or TextTemplate(),
+        uniqueness=cfg.uniqueness,
     )
     tok = ItemTokenizer(meta, model.cpu(), shift, scale)
     latents = tok.latents(embeddings)
     greedy = model.quantizer(latents).codes.numpy()
-
-    resolution = resolve_collisions(greedy, tok.distance_fn(latents))
+    if cfg.uniqueness == "extra_token":
+        extra = append_extra_token(greedy, cfg.codebook_size)
+        n_unique = len({tuple(r) for r in greedy.tolist()})
+        resolution = Resolution(extra, np.zeros(0, dtype=np.int64), len(greedy) - n_unique)
+        greedy = extra
+    else:
+        resolution = resolve_collisions(greedy, tok.distance_fn(latents))
     log.info(
         "tokenizer: %d epochs in %.0f s (clustering %.2f s); %d colliding items, %d moved",
         cfg.epochs,

@@ -59,7 +59,8 @@ def reconstruction_error(
 ) -> np.ndarray:
     """Per-item MSE of decoding the given codes, in the model's input space. -> [n]."""
     x = tok.prepare(embeddings)
-    z = sum(tok.model.codebooks[lv][torch.as_tensor(codes[:, lv])] for lv in range(codes.shape[1]))
+    levels = len(tok.model.codebooks)  # an extra disambiguation level has no codebook
+    z = sum(tok.model.codebooks[lv][torch.as_tensor(codes[:, lv])] for lv in range(levels))
     recon = tok.model.decoder(z)
     return ((recon - x) ** 2).mean(-1).cpu().numpy()
 

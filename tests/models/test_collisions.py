@@ -76,3 +76,13 @@ def test_exhausted_space_is_a_clear_error():
     codes = np.zeros((5, 1), dtype=np.int64)
     with pytest.raises(ValueError, match="no free identifier"):
         resolve_collisions(codes, lambda r, p: np.zeros((len(r), 4)))
+
+
+def test_extra_token_numbers_items_sharing_codes():
+    from models.collisions import append_extra_token
+
+    codes = np.array([[1, 2], [1, 2], [0, 0], [1, 2]])
+    out = append_extra_token(codes, 4, is_taken=lambda t: t == (1, 2, 1))
+    assert out.tolist() == [[1, 2, 0], [1, 2, 2], [0, 0, 0], [1, 2, 3]]
+    with pytest.raises(ValueError, match="more than 2 items share"):
+        append_extra_token(np.zeros((3, 1), dtype=np.int64), 2)

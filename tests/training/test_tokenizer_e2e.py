@@ -92,3 +92,18 @@ def test_save_load_roundtrip_and_new_item_is_deterministic(tmp_path, subset, tra
     )
     assert np.array_equal(a, b)
     assert tuple(a[0]) not in taken
+
+
+def test_extra_token_scheme_adds_a_level_and_keeps_semantic_codes(subset):
+    _, emb, cf = subset
+    cfg = TokenizerTrainConfig(
+        levels=3, codebook_size=16, epochs=30, batch_size=128, uniqueness="extra_token"
+    )
+    res = train_tokenizer(emb, cf, cfg, progress=False)
+    assert res.codes.shape == (N_ITEMS, 4) and res.tokenizer.levels == 4
+    assert len({tuple(r) for r in res.codes.tolist()}) == N_ITEMS
+    semantic = res.tokenizer.model.codes(res.tokenizer.prepare(emb)).numpy()
+    assert np.array_equal(res.codes[:, :3], semantic)
+    taken = {tuple(r) for r in res.codes.tolist()}
+    new = res.tokenizer.encode_embeddings(emb[:1], is_taken=lambda t: t in taken)
+    assert new[0, :3].tolist() == res.codes[0, :3].tolist() and tuple(new[0]) not in taken
