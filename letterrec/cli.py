@@ -262,7 +262,14 @@ def demo(
     if build_only:
         console.print(f"[green]bundle ready[/green]: {out}")
         return
-    console.print(f"serving {out} on http://{host}:{port} (docs at /docs)")
+    import os
+    import secrets
+
+    if not os.environ.get("LETTERREC_API_KEYS"):
+        # Writes (/tokenize) always need a key; the demo makes a throwaway one and shows it.
+        os.environ["LETTERREC_API_KEYS"] = key = secrets.token_urlsafe(16)
+        console.print(f"demo API key for POST /tokenize: Authorization: Bearer {key}")
+    console.print(f"serving {out} on http://{host}:{port} (OpenAPI at /openapi.json)")
     serve(bundle=out, host=host, port=port)
 
 

@@ -84,11 +84,18 @@ PROFILES: dict[str, PipelineConfig] = {
     # The README demo on the embedded ml-100k: minutes on a 2-core CPU. 1,682 items need
     # fewer codes per level than 256 for a meaningful code distribution.
     "quick": PipelineConfig(
-        cf=CFTrainConfig(epochs=20, eval_every=2, patience=3),
-        tokenizer=TokenizerTrainConfig(levels=3, codebook_size=64, epochs=150, batch_size=512),
+        cf=CFTrainConfig(epochs=15, eval_every=3, patience=2),
+        tokenizer=TokenizerTrainConfig(levels=3, codebook_size=64, epochs=100, batch_size=512),
         lm=LMTrainConfig(
-            epochs=12, batch_size=128, lr=3e-3, eval_every=3, eval_users=500, patience=2
+            epochs=10,
+            batch_size=64,
+            lr=3e-3,
+            max_windows_per_user=2,
+            eval_every=5,
+            eval_users=300,
+            patience=1,
         ),
+        ablation=False,
     ),
 }
 
