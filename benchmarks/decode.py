@@ -1,0 +1,441 @@
+"""Decoding benchmark: reference (HF generate + dict trie) vs the torch and vLLM engines.
+
+    python benchmarks/decode.py                       # the moderate default grid (< 15 min, 2 cores)
+    python benchmarks/decode.py --items 20000,200000,1000000 --batches 1,32,256 \
+        --ref-batches 1,32,256 --memory-batches 10000 --llm     # the full grid (hours on 2 cores)
+
+One model, one process. For each catalogue size it builds the ItemTrie (timed, bytes), draws
+users (20 history items each, so prompts are 81 tokens), and measures every engine at every batch
+size: users/s, per-batch p50/p99 latency, peak RSS during the row. The reference runs on fewer
+batches (it is slow); `identical_to_reference` compares the engines' top-k items (and scores
+within 1e-4) with the reference's on the same inputs. A memory-flatness run decodes many
+consecutive batches of varying shapes (with items added along the way) and reports RSS before
+and after. `--llm` adds rows for a random ~0.5B-parameter Llama (the LC-Rec case).
+
+Results: benchmarks/results/decode-<device>.json and .md (schema in DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import header, md_header, md_table, write_result  # noqa: E402
+from models.trie import ItemTrie  # noqa: E402
+from models.trie_reference import ReferenceTrie, reference_beam_search  # noqa: E402
+from models.vocab import CodeVocab  # noqa: E402
+from service.engines import load_engine_class  # noqa: E402
+from service.engines.base import DecodeEngine, DecodeRequest  # noqa: E402
+from tests.lmfactory import make_tiny_llama, random_catalogue, tiny_llama_config  # noqa: E402
+
+log = logging.getLogger("benchmarks.decode")
+VOCAB = CodeVocab(levels=4, codebook_size=256, history_items=20)
+# The LC-Rec case: an LLM vocabulary with the code tokens appended after it.
+LLM_VOCAB = CodeVocab(levels=4, codebook_size=256, history_items=20, code_offset=32000)
+
+
+class PeakRss:
+    """Samples this process's RSS in a thread; `.peak_mb` is the max since `reset()`."""
+
+    def __init__(self, every_s: float = 0.005) -> None:
+        self.proc = psutil.Process()
+        self.every_s = every_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def reset(self) -> None:
+        self.peak = self.proc.memory_info().rss
+
+    @property
+    def peak_mb(self) -> float:
+        return max(self.peak, self.proc.memory_info().rss) / 2**20
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def make_requests(codes: np.ndarray, n: int, seed: int, vocab: CodeVocab) -> list[DecodeRequest]:
+    rng = np.random.default_rng(seed)
+    hist = rng.integers(0, len(codes), size=(n, vocab.history_items))
+    return [DecodeRequest(vocab.prompt(codes[h]), k=10) for h in hist]
+
+
+class ReferenceEngine(DecodeEngine):
+    """HF generate + prefix_allowed_tokens_fn over the dict trie (models.trie_reference)."""
+
+    name = "reference"
+
+    def __init__(self, model_dir: Path, vocab: CodeVocab, dtype: str, beam_width: int) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        self.model.eval()
+        self.vocab, self.beam_width = vocab, beam_width
+        self.tries: dict[int, ReferenceTrie] = {}
+
+    def recommend(self, requests, trie):  # type: ignore[override]
+        ref = self.tries.get(id(trie))
+        if ref is None:
+            ref = self.tries[id(trie)] = ReferenceTrie.from_codes(trie.codes_array(), VOCAB.codebook_size)
+        items, scores = reference_beam_search(
+            self.model, [r.prompt for r in requests], ref, self.vocab, self.beam_width,
+            max(r.k for r in requests), [r.exclude for r in requests],
+        )
+        return [list(zip(i, s, strict=True)) for i, s in zip(items, scores, strict=True)]
+
+
+def as_pairs(recs: list[Any]) -> list[tuple[int, float]]:
+    return [r if isinstance(r, tuple) else (r.item_index, r.score) for r in recs]
+
+
+def same_outputs(a: list[list[Any]], b: list[list[Any]], tol: float = 1e-4) -> bool:
+    for ra, rb in zip(a, b, strict=True):
+        pa, pb = as_pairs(ra), as_pairs(rb)
+        if [i for i, _ in pa] != [i for i, _ in pb]:
+            return False
+        if any(abs(x - y) > tol for (_, x), (_, y) in zip(pa, pb, strict=True)):
+            return False
+    return True
+
+
+def time_engine(
+    engine: DecodeEngine, trie: ItemTrie, requests: list[DecodeRequest], batch: int,
+    n_batches: int, rss: PeakRss, desc: str, warm: bool = True,
+) -> tuple[dict[str, float], list[list[Any]]]:
+    """Warm up once, then time `n_batches` consecutive batches; outputs of all timed users."""
+    if warm:
+        engine.recommend(requests[:batch], trie)
+    gc.collect()
+    rss.reset()
+    lat, outputs = [], []
+    for i in tqdm(range(n_batches), desc=desc, leave=False):
+        chunk = requests[(i * batch) % len(requests) :][:batch]
+        chunk = chunk if len(chunk) == batch else requests[:batch]
+        t0 = time.perf_counter()
+        outputs.extend(engine.recommend(chunk, trie))
+        lat.append(time.perf_counter() - t0)
+    lat_ms = np.array(lat) * 1e3
+    return {
+        "users_per_s": round(batch * n_batches / float(np.sum(lat)), 2),
+        "p50_ms": round(float(np.percentile(lat_ms, 50)), 2),
+        "p99_ms": round(float(np.percentile(lat_ms, 99)), 2),
+        "peak_rss_mb": round(rss.peak_mb, 1),
+        "n_batches": n_batches,
+    }, outputs
+
+
+def trie_stats(codes: np.ndarray, n_adds: int = 1000) -> tuple[ItemTrie, dict[str, Any]]:
+    before = rss_mb()
+    t0 = time.perf_counter()
+    trie = ItemTrie.from_codes(codes, VOCAB.codebook_size)
+    build = time.perf_counter() - t0
+    grown = rss_mb() - before
+    fresh = random_catalogue(len(codes) + n_adds * 2, VOCAB.levels, VOCAB.codebook_size, seed=99)
+    probe = ItemTrie.from_bytes(trie.to_bytes())  # time adds on a copy; keep the measured trie
+    add_ms = []
+    for row in fresh.tolist():
+        if len(add_ms) == n_adds:
+            break
+        if probe.lookup(row) is None:
+            t0 = time.perf_counter()
+            probe.add(row)
+            add_ms.append((time.perf_counter() - t0) * 1e3)
+    data = trie.to_bytes()
+    return trie, {
+        "items": len(codes),
+        "build_seconds": round(build, 3),
+        "bytes": len(data),
+        "array_bytes": trie.nbytes(),
+        "rss_growth_mb": round(grown, 1),
+        "add_ms_mean": round(float(np.mean(add_ms)), 4),
+        "add_ms_p99": round(float(np.percentile(add_ms, 99)), 4),
+        "add_ms_max": round(float(np.max(add_ms)), 3),
+    }
+
+
+def build_engine(name: str, grid: Grid, dtype: str, args) -> DecodeEngine:
+    if name == "reference":
+        return ReferenceEngine(grid.model_dir, grid.vocab, dtype, args.beam)
+    cls = load_engine_class(name)
+    max_batch = max(max(b) for b in grid.batches.values())
+    return cls(grid.model_dir, grid.vocab, device=args.device, dtype=dtype,
+               beam_width=args.beam, max_batch=max_batch)
+
+
+def memory_flatness(engine: DecodeEngine, codes: np.ndarray, n_batches: int, seed: int = 7):
+    """Many consecutive batches of varying shape, adding an item every 100; RSS over time."""
+    trie = ItemTrie.from_codes(codes, VOCAB.codebook_size)
+    rng = np.random.default_rng(seed)
+    fresh = iter(random_catalogue(len(codes) + n_batches, 4, 256, seed=seed + 1).tolist())
+    samples: list[tuple[int, float]] = []
+    warm = max(1, n_batches // 10)
+    for i in tqdm(range(n_batches), desc="memory flatness"):
+        b = int(rng.integers(1, 9))
+        reqs = []
+        for _ in range(b):
+            h = rng.integers(0, len(codes), size=int(rng.integers(0, 21)))
+            ex = frozenset(h.tolist())
+            reqs.append(DecodeRequest(VOCAB.prompt(codes[h]), k=int(rng.integers(1, 21)), exclude=ex))
+        engine.recommend(reqs, trie)
+        if i % 100 == 99:
+            row = next(fresh)
+            if trie.lookup(row) is None:
+                trie.add(row)
+        if i + 1 == warm or (i + 1) % max(1, n_batches // 10) == 0:
+            gc.collect()
+            samples.append((i + 1, round(rss_mb(), 1)))
+    after_warm = next(mb for n, mb in samples if n >= warm)
+    return {
+        "batches": n_batches,
+        "batch_sizes": "1..8, histories 0..20 items, exclusions, k 1..20, an add every 100",
+        "rss_mb_after_warmup": after_warm,
+        "rss_mb_end": samples[-1][1],
+        "growth_mb": round(samples[-1][1] - after_warm, 1),
+        "samples": samples,
+    }
+
+
+@dataclass
+class Grid:
+    """One model's measurements: which engines run at which batch sizes, for how long."""
+
+    model_dir: Path
+    model_name: str
+    vocab: CodeVocab
+    items: list[int]
+    batches: dict[str, list[int]]  # engine -> batch sizes
+    n_batches: dict[str, int]  # engine -> timed batches per row (0: about 320 users, >= 3)
+    dtypes: list[str]  # torch engine dtypes
+    counts_for_identity: bool = True
+
+    def timed_batches(self, engine: str, batch: int) -> int:
+        return self.n_batches.get(engine) or max(3, 320 // batch)
+
+
+def run_grid(args, grid: Grid, rss: PeakRss, out: dict[str, list[Any]]) -> None:
+    max_users = max(
+        b * grid.timed_batches(e, b) for e, bs in grid.batches.items() for b in bs
+    )
+    for n_items in grid.items:
+        codes = random_catalogue(n_items, grid.vocab.levels, grid.vocab.codebook_size, n_items)
+        trie, stats = trie_stats(codes)
+        out["tries"].append({"model": grid.model_name, **stats})
+        log.info("trie %s", stats)
+        requests = make_requests(codes, max_users, seed=1, vocab=grid.vocab)
+        ref_out: dict[int, list[list[Any]]] = {}
+        for engine_name in args.engines:
+            if engine_name == "reference" and n_items > args.ref_max_items:
+                continue
+            for dtype in grid.dtypes if engine_name == "torch" else ["float32"]:
+                try:
+                    engine = build_engine(engine_name, grid, dtype, args)
+                except Exception as err:  # an optional engine (vllm) may be unavailable
+                    log.warning("engine %s unavailable: %s", engine_name, err)
+                    out["notes"].append(
+                        f"{engine_name} ({grid.model_name}): not measured: {err!r}"[:400]
+                    )
+                    break
+                for batch in grid.batches.get(engine_name, []):
+                    nb = grid.timed_batches(engine_name, batch)
+                    desc = f"{grid.model_name} {engine_name} {dtype} {n_items} b{batch}"
+                    # The reference is only slow, not cold: skip its warm-up batch.
+                    warm = engine_name != "reference"
+                    stats_row, res = time_engine(engine, trie, requests, batch, nb, rss, desc, warm)
+                    row = {"engine": engine_name, "dtype": dtype, "model": grid.model_name,
+                           "items": n_items, "batch": batch, "beam": args.beam, **stats_row}
+                    if engine_name == "reference":
+                        ref_out[batch] = res
+                    elif batch in ref_out:
+                        n = min(len(ref_out[batch]), len(res))
+                        row["identical_to_reference"] = same_outputs(res[:n], ref_out[batch][:n])
+                        if dtype == "float32" and grid.counts_for_identity:
+                            out["identical"].append(row["identical_to_reference"])
+                    out["rows"].append(row)
+                    log.info("%s", row)
+                engine.close()
+                del engine
+                gc.collect()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    words = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    p.add_argument("--engines", type=words, default=["reference", "torch", "vllm"])
+    p.add_argument("--items", type=ints, default=[20_000, 200_000, 1_000_000])
+    p.add_argument("--batches", type=ints, default=[1, 32, 256], help="torch engine batch sizes")
+    p.add_argument("--n-batches", type=int, default=0,
+                   help="torch timed batches per row (0: about 320 users, at least 3)")
+    p.add_argument("--ref-batches", type=ints, default=[1, 32])
+    p.add_argument("--ref-n-batches", type=int, default=2)
+    p.add_argument("--ref-max-items", type=int, default=20_000,
+                   help="largest catalogue for the reference (its dict trie is slow to build)")
+    p.add_argument("--vllm-batches", type=ints, default=[1, 32])
+    p.add_argument("--vllm-n-batches", type=int, default=3)
+    p.add_argument("--dtypes", type=words, default=["float32", "bfloat16"],
+                   help="torch engine dtypes")
+    p.add_argument("--beam", type=int, default=20)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    p.add_argument("--memory-batches", type=int, default=2000)
+    p.add_argument("--llm", action="store_true", help="also a random ~0.5B Llama (LC-Rec case)")
+    p.add_argument("--llm-batches", type=ints, default=[1, 4])
+    p.add_argument("--out", default="", help="result name (default decode-<device>)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    head = header()
+    head["machine"].update(
+        torch_threads=torch.get_num_threads(), load_avg_start=[round(x, 2) for x in os.getloadavg()]
+    )
+    rss = PeakRss()
+    out: dict[str, list[Any]] = {"rows": [], "tries": [], "identical": [], "notes": []}
+    t_start = time.time()
+    memory = None
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = make_tiny_llama(VOCAB, Path(tmp) / "lm", hidden=args.hidden,
+                                    layers=args.layers, heads=args.heads)
+        small = Grid(
+            model_dir, f"llama-{args.hidden}d-{args.layers}L", VOCAB, args.items,
+            {"reference": args.ref_batches, "torch": args.batches, "vllm": args.vllm_batches},
+            {"reference": args.ref_n_batches, "torch": args.n_batches,
+             "vllm": args.vllm_n_batches},
+            args.dtypes,
+        )
+        run_grid(args, small, rss, out)
+        if args.memory_batches and "torch" in args.engines:
+            engine = build_engine("torch", small, "float32", args)
+            memory = memory_flatness(engine, random_catalogue(20_000, 4, 256, seed=5),
+                                     args.memory_batches)
+            engine.close()
+        if args.llm:
+            llm = Grid(
+                make_llm(Path(tmp) / "llm"), "llama-0.5B", LLM_VOCAB, args.items[:1],
+                {"reference": args.llm_batches[:1], "torch": args.llm_batches,
+                 "vllm": args.llm_batches},
+                {"reference": 1, "torch": 2, "vllm": 2}, args.dtypes,
+                counts_for_identity=False,
+            )
+            run_grid(args, llm, rss, out)
+    rss.stop()
+    head["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    payload = {
+        **head,
+        "rows": out["rows"],
+        "identical_to_reference": bool(out["identical"]) and all(out["identical"]),
+        "trie": max(out["tries"], key=lambda t: t["items"]),
+        "tries": out["tries"],
+        "memory": memory,
+        "ratios": ratios(out["rows"]),
+        "notes": out["notes"],
+        "wall_seconds": round(time.time() - t_start, 1),
+    }
+    name = args.out or f"decode-{'cuda' if args.device.startswith('cuda') else 'cpu'}"
+    path = write_result(name, payload, markdown(head, payload, args))
+    log.info("wrote %s", path)
+
+
+def make_llm(out: Path) -> Path:
+    """Random Llama of ~0.5B parameters: an LLM-sized vocabulary plus the code tokens."""
+    from transformers import LlamaForCausalLM
+
+    cfg = tiny_llama_config(LLM_VOCAB, hidden=1024, layers=24, heads=16, init_std=0.02)
+    cfg.intermediate_size = 4096
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(torch.float32)
+    log.info("LLM parameters: %.0fM", sum(p.numel() for p in model.parameters()) / 1e6)
+    model.save_pretrained(out)
+    return out
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """users/s of each engine row over the reference row with the same model, items, batch."""
+    ref = {(r["model"], r["items"], r["batch"]): r["users_per_s"] for r in rows
+           if r["engine"] == "reference"}
+    out = []
+    for r in rows:
+        key = (r["model"], r["items"], r["batch"])
+        if r["engine"] != "reference" and key in ref:
+            out.append({"engine": r["engine"], "dtype": r["dtype"], "model": r["model"],
+                        "items": r["items"], "batch": r["batch"],
+                        "speedup_vs_reference": round(r["users_per_s"] / ref[key], 1)})
+    return out
+
+
+def markdown(head: dict[str, Any], payload: dict[str, Any], args) -> str:
+    m = head["machine"]
+    text = md_header("Decoding benchmark", head)
+    text += (
+        f"Torch threads {m['torch_threads']}; load average at start {m['load_avg_start']}, "
+        f"at end {m['load_avg_end']} (other work shared the machine: compare rows of this run "
+        f"with each other, not with other runs). Beam {args.beam}, k 10, prompts of 81 tokens "
+        f"(20 history items), random catalogues, random Llama weights (init std 0.2, see "
+        f"tests/lmfactory.py). Wall time {payload['wall_seconds']} s.\n\n"
+        f"**identical_to_reference (float32): {payload['identical_to_reference']}**\n\n"
+    )
+    cols = ["engine", "dtype", "model", "items", "batch", "beam", "users_per_s", "p50_ms",
+            "p99_ms", "peak_rss_mb", "n_batches", "identical_to_reference"]
+    text += "## Throughput and latency\n\n" + md_table(payload["rows"], cols)
+    if payload["ratios"]:
+        text += "\n## Speed-up over the reference (same run)\n\n"
+        text += md_table(payload["ratios"], ["engine", "dtype", "model", "items", "batch",
+                                             "speedup_vs_reference"])
+    text += "\n## Trie\n\n" + md_table(payload["tries"], [
+        "model", "items", "build_seconds", "bytes", "array_bytes", "rss_growth_mb",
+        "add_ms_mean", "add_ms_p99", "add_ms_max"])
+    if payload["memory"]:
+        mem = payload["memory"]
+        text += (
+            f"\n## Memory flatness\n\n{mem['batches']} consecutive torch float32 batches "
+            f"({mem['batch_sizes']}), 20k items: RSS {mem['rss_mb_after_warmup']} MB after "
+            f"warm-up, {mem['rss_mb_end']} MB at the end (growth {mem['growth_mb']} MB).\n"
+        )
+    if payload["notes"]:
+        text += "\n## Notes\n\n" + "".join(f"- {n}\n" for n in payload["notes"])
+    text += (
+        "\n## Reproduce\n\n"
+        f"This run: `{head['command']}`.\n\nThe full grid (all engines at batch 1/32/256 on "
+        "20k/200k/1M items, the reference at every batch size, 10,000 memory batches, the "
+        "0.5B LLM rows) takes hours on 2 cores:\n\n"
+        "```\npython benchmarks/decode.py --items 20000,200000,1000000 --batches 1,32,256 "
+        "--ref-batches 1,32,256 --memory-batches 10000 --llm\n```\n"
+    )
+    return text
+
+
+if __name__ == "__main__":
+    main()
