@@ -56,12 +56,22 @@ class SASRec(nn.Module):
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
         """seq [B, T] of item row + 1 (0 = pad, left-padded) -> hidden [B, T, D]."""
         t = seq.shape[1]
-        pos = torch.arange(t, device=seq.device)
+        # Positions count back from the newest item, so a batch padded to any length gives the
+        # same result as one padded to max_len.
+        pos = torch.arange(self.config.max_len - t, self.config.max_len, device=seq.device)
         x = self.item_emb(seq) * self.config.dim**0.5 + self.pos_emb(pos)
         x = self.dropout(x)
-        causal = torch.triu(torch.ones(t, t, dtype=torch.bool, device=seq.device), 1)
-        x = self.blocks(x, mask=causal)
+        x = self.blocks(x, mask=self.attention_mask(seq))
         return self.norm(x)
+
+    def attention_mask(self, seq: torch.Tensor) -> torch.Tensor:
+        """[B * heads, T, T], True = blocked: the future and padding keys; every position may
+        see itself, so padding rows stay finite."""
+        t = seq.shape[1]
+        causal = torch.triu(torch.ones(t, t, dtype=torch.bool, device=seq.device), 1)  # [T, T]
+        blocked = causal[None] | (seq == 0)[:, None, :]  # [B, T, T]
+        blocked &= ~torch.eye(t, dtype=torch.bool, device=seq.device)[None]
+        return blocked.repeat_interleave(self.config.heads, 0)
 
     def calculate_loss(self, seq: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Next-item CE at every non-pad position. seq, target [B, T]; target 0 = ignore."""

@@ -58,9 +58,11 @@ def left_pad(seqs: list[list[int]], length: int, shift: int = 1) -> torch.Tensor
     return out
 
 
-def _training_windows(train: list[list[int]], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-item targets [U, max_len]; sequences longer than max_len + 1 are cut
-    into several windows so no interaction is wasted."""
+def _training_windows(
+    train: list[list[int]], max_len: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Inputs and next-item targets; sequences longer than max_len + 1 are cut into several
+    windows so no interaction is wasted."""
     inputs, targets = [], []
     for s in train:
         if len(s) < 2:
@@ -69,7 +71,16 @@ def _training_windows(train: list[list[int]], max_len: int) -> tuple[torch.Tenso
             chunk = s[max(0, end - max_len - 1) : end]
             inputs.append(chunk[:-1])
             targets.append(chunk[1:])
-    return left_pad(inputs, max_len), left_pad(targets, max_len)
+    return inputs, targets
+
+
+def _length_batches(lengths: np.ndarray, batch_size: int, gen: torch.Generator) -> list[np.ndarray]:
+    """Shuffled batches of similar-length windows: padding only to the batch's longest."""
+    noise = torch.rand(len(lengths), generator=gen).numpy()
+    order = np.lexsort((noise, lengths))
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    perm = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[i] for i in perm]
 
 
 @torch.no_grad()
@@ -81,7 +92,8 @@ def evaluate(
     ranks = []
     for s in range(0, len(pairs), batch):
         chunk = pairs[s : s + batch]
-        seq = left_pad([h for h, _ in chunk], model.config.max_len).to(device)
+        length = max(1, min(model.config.max_len, max(len(h) for h, _ in chunk)))
+        seq = left_pad([h for h, _ in chunk], length).to(device)
         scores = model.full_sort_predict(seq).float().cpu().numpy()
         ranks.append(target_ranks(scores, np.array([t for _, t in chunk])))
     return summarize(np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64))
@@ -94,6 +106,7 @@ def train_sasrec(split: Split, n_items: int, cfg: CFTrainConfig, progress: bool 
     model = SASRec(mcfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     inputs, targets = _training_windows(split.train, cfg.max_len)
+    lengths = np.array([len(x) for x in inputs])
     gen = torch.Generator().manual_seed(cfg.seed)
     best, best_state, bad, history = -1.0, None, 0, []
     t0 = time.perf_counter()
@@ -101,16 +114,17 @@ def train_sasrec(split: Split, n_items: int, cfg: CFTrainConfig, progress: bool 
     epoch = 0
     for epoch in bar:
         model.train()
-        perm = torch.randperm(len(inputs), generator=gen)
         total = 0.0
-        for s in range(0, len(perm), cfg.batch_size):
-            idx = perm[s : s + cfg.batch_size]
-            loss = model.calculate_loss(inputs[idx].to(device), targets[idx].to(device))
+        for idx in _length_batches(lengths, cfg.batch_size, gen):
+            length = int(lengths[idx].max())
+            seq = left_pad([inputs[i] for i in idx], length).to(device)
+            tgt = left_pad([targets[i] for i in idx], length).to(device)
+            loss = model.calculate_loss(seq, tgt)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
-        row = {"epoch": epoch + 1, "loss": total / max(1, len(perm))}
+        row = {"epoch": epoch + 1, "loss": total / max(1, len(inputs))}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             row.update({f"valid_{k}": v for k, v in evaluate(model, split.valid).items()})
             score = row["valid_ndcg@10"]
