@@ -154,8 +154,16 @@ def test_graceful_shutdown_finishes_in_flight_requests(
     for t in threads:
         t.start()
     registry = b.app.state.metrics.registry
-    wait_until(lambda: registry.get_sample_value("letterrec_inflight_requests") >= 3, 10, 0.005)
+
+    def inflight() -> float:
+        return registry.get_sample_value("letterrec_inflight_requests") or 0.0
+
+    # On a loaded machine the three may not all overlap; what matters is that every request
+    # the server had accepted when shutdown began still completes with 200.
+    wait_until(lambda: inflight() >= 1, 30, 0.002)
+    accepted = inflight()
     b.stop()
     for t in threads:
         t.join(60)
-    assert results == [200, 200, 200]
+    assert results.count(200) >= accepted >= 1, results
+    assert all(r == 200 or "ConnectError" in str(r) for r in results), results
