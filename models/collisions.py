@@ -67,13 +67,13 @@ def resolve_collisions(
     n, levels = codes.shape
     taken = is_taken or (lambda t: False)
     groups: dict[tuple[int, ...], list[int]] = {}
-    for i, row in enumerate(map(tuple, codes.tolist())):
-        groups.setdefault(row, []).append(i)
+    for i, tup in enumerate(map(tuple, codes.tolist())):
+        groups.setdefault(tup, []).append(i)
     collisions_before = sum(len(g) for g in groups.values() if len(g) > 1)
 
     used: set[tuple[int, ...]] = set()
     movers: list[int] = []
-    for tup, rows in groups.items():
+    for tup, rows in groups.items():  # noqa: B007
         if taken(tup):
             movers.extend(rows)
             continue

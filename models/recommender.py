@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -96,9 +97,7 @@ def save_tokenizer_file(vocab: CodeVocab, out_dir: Path) -> None:
     fast.save_pretrained(str(out_dir))
 
 
-def save_lm(
-    model: torch.nn.Module, vocab: CodeVocab, out_dir: str | Path, extra: dict | None = None
-) -> Path:
+def save_lm(model: Any, vocab: CodeVocab, out_dir: str | Path, extra: dict | None = None) -> Path:
     """Write `lm/`: weights (float32 safetensors), config, generation config, tokenizer."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -118,10 +117,8 @@ def save_lm(
     return out_dir
 
 
-def load_lm(
-    path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32
-) -> torch.nn.Module:
+def load_lm(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     return model.to(device).eval()

@@ -62,6 +62,18 @@ class LMTrainConfig:
 
 
 @dataclass
+class TrainState:
+    """What a checkpoint needs besides weights and optimiser to resume exactly."""
+
+    epoch: int = 0
+    best: float = -1.0
+    bad: int = 0
+    best_valid: dict[str, float] = field(default_factory=dict)
+    best_state: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
 class LMResult:
     model: torch.nn.Module
     valid: dict[str, float]
@@ -205,19 +217,19 @@ def train_lm(
     trie = ItemTrie.from_codes(codes, vocab.codebook_size)
     pick = np.random.default_rng(cfg.seed + 1).permutation(len(valid))[: cfg.eval_users]
     valid_subset = [valid[i] for i in sorted(pick)]
-    state = {"epoch": 0, "best": -1.0, "bad": 0, "history": [], "best_state": None}
+    state = TrainState()
     if checkpoint is not None and checkpoint.exists():
         saved = torch.load(checkpoint, map_location=device, weights_only=False)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         sched.load_state_dict(saved["sched"])
-        state = saved["state"]
+        state = TrainState(**saved["state"])
         rng = saved["rng"]
-        log.info("resumed from %s at epoch %d", checkpoint, state["epoch"])
+        log.info("resumed from %s at epoch %d", checkpoint, state.epoch)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     t0, tokens = time.perf_counter(), 0
     bar = tqdm(
-        range(state["epoch"], cfg.epochs), desc="recommender", unit="epoch", disable=not progress
+        range(state.epoch, cfg.epochs), desc="recommender", unit="epoch", disable=not progress
     )
     for epoch in bar:
         model.train()
@@ -239,16 +251,17 @@ def train_lm(
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             metrics, _ = evaluate_pairs(model, valid_subset, codes, vocab, trie, cfg.beam_width)
             row.update({f"valid_{k}": v for k, v in metrics.items()})
-            if metrics["ndcg@10"] > state["best"]:
-                state["best"], state["bad"] = metrics["ndcg@10"], 0
-                state["best_state"] = {
+            if metrics["ndcg@10"] > state.best:
+                state.best, state.bad = metrics["ndcg@10"], 0
+                state.best_state = {
                     k: v.detach().cpu().clone() for k, v in model.state_dict().items()
                 }
+                state.best_valid = metrics
             else:
-                state["bad"] += 1
-        state["history"].append(row)
-        state["epoch"] = epoch + 1
-        bar.set_postfix(loss=f"{row['loss']:.3f}", best_ndcg10=f"{max(state['best'], 0):.4f}")
+                state.bad += 1
+        state.history.append(row)
+        state.epoch = epoch + 1
+        bar.set_postfix(loss=f"{row['loss']:.3f}", best_ndcg10=f"{max(state.best, 0):.4f}")
         if checkpoint is not None:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             torch.save(
@@ -256,25 +269,17 @@ def train_lm(
                     "model": model.state_dict(),
                     "opt": opt.state_dict(),
                     "sched": sched.state_dict(),
-                    "state": state,
+                    "state": asdict(state),
                     "rng": rng,
                 },
                 checkpoint,
             )
-        if state["bad"] >= cfg.patience:
+        if state.bad >= cfg.patience:
             break
     seconds = time.perf_counter() - t0
-    if state["best_state"] is not None:
-        model.load_state_dict(state["best_state"])
+    if state.best_state is not None:
+        model.load_state_dict(state.best_state)
     model.eval()
-    valid_metrics = {
-        k[len("valid_") :]: v for k, v in state["history"][-1].items() if k.startswith("valid_")
-    }
-    best_rows = [r for r in state["history"] if r.get("valid_ndcg@10") == state["best"]]
-    if best_rows:
-        valid_metrics = {
-            k[len("valid_") :]: v for k, v in best_rows[0].items() if k.startswith("valid_")
-        }
     return LMResult(
-        model, valid_metrics, state["epoch"], seconds, tokens / max(seconds, 1e-9), state["history"]
+        model, state.best_valid, state.epoch, seconds, tokens / max(seconds, 1e-9), state.history
     )

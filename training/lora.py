@@ -101,7 +101,7 @@ def train_lora(
     )
     peft_model = get_peft_model(model, peft_cfg)
     result = train_lm(train, valid, codes, vocab, cfg.train, progress=progress, model=peft_model)
-    merged = peft_model.merge_and_unload()
+    merged: Any = peft_model.merge_and_unload()
     merged.config.vocab_size = len(tokenizer)
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out_dir), safe_serialization=True)
