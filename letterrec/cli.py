@@ -106,88 +106,44 @@ def _run(stage: str, ws) -> dict[str, Any]:  # noqa: ANN001
     return result
 
 
-STAGES = ["data", "embed", "cf", "tokenizer", "lm", "evaluate"]
+# stage -> (command name, help). One command per offline stage, all with the same options.
+STAGE_COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("data", "Load and split a dataset; print its summary."),
+    "embed": ("embed", "Item text -> embeddings (cached on disk by encoder and text)."),
+    "cf": ("cf", "Train SASRec; CF item embeddings plus the SASRec baseline metrics."),
+    "tokenizer": (
+        "tokenizer",
+        "Train the LETTER tokenizer; write tokenizer/, catalogue.parquet, manifest.json, report/.",
+    ),
+    "lm": ("train-lm", "Train the generative recommender (resumable); write lm/ into the bundle."),
+    "evaluate": (
+        "evaluate",
+        "Leave-one-out test of popularity, SASRec and the bundle's recommender.",
+    ),
+}
+STAGES = list(STAGE_COMMANDS)
 
 
-@app.command()
-def data(
-    data: DataOpt = "ml-100k",
-    out: OutOpt = Path("bundles/ml-100k"),
-    profile: ProfileOpt = "full",
-    config: ConfigOpt = None,
-    quiet: QuietOpt = False,
-) -> None:
-    """Load and split a dataset; print its summary."""
-    _run("data", _workspace(data, out, profile, config, "cpu", False, quiet))
+def _stage_command(stage: str) -> None:
+    name, doc = STAGE_COMMANDS[stage]
+
+    def command(
+        data: DataOpt = "ml-100k",
+        out: OutOpt = Path("bundles/ml-100k"),
+        profile: ProfileOpt = "full",
+        config: ConfigOpt = None,
+        device: DeviceOpt = "cpu",
+        force: ForceOpt = False,
+        quiet: QuietOpt = False,
+    ) -> None:
+        _run(stage, _workspace(data, out, profile, config, device, force, quiet))
+
+    command.__doc__ = doc
+    app.command(name)(command)
 
 
-@app.command()
-def embed(
-    data: DataOpt = "ml-100k",
-    out: OutOpt = Path("bundles/ml-100k"),
-    profile: ProfileOpt = "full",
-    config: ConfigOpt = None,
-    device: DeviceOpt = "cpu",
-    force: ForceOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Item text -> embeddings (cached on disk by encoder and text)."""
-    _run("embed", _workspace(data, out, profile, config, device, force, quiet))
-
-
-@app.command()
-def cf(
-    data: DataOpt = "ml-100k",
-    out: OutOpt = Path("bundles/ml-100k"),
-    profile: ProfileOpt = "full",
-    config: ConfigOpt = None,
-    device: DeviceOpt = "cpu",
-    force: ForceOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Train SASRec; CF item embeddings plus the SASRec baseline metrics."""
-    _run("cf", _workspace(data, out, profile, config, device, force, quiet))
-
-
-@app.command()
-def tokenizer(
-    data: DataOpt = "ml-100k",
-    out: OutOpt = Path("bundles/ml-100k"),
-    profile: ProfileOpt = "full",
-    config: ConfigOpt = None,
-    device: DeviceOpt = "cpu",
-    force: ForceOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Train the LETTER tokenizer; write tokenizer/, catalogue.parquet, manifest.json, report/."""
-    _run("tokenizer", _workspace(data, out, profile, config, device, force, quiet))
-
-
-@app.command("train-lm")
-def train_lm(
-    data: DataOpt = "ml-100k",
-    out: OutOpt = Path("bundles/ml-100k"),
-    profile: ProfileOpt = "full",
-    config: ConfigOpt = None,
-    device: DeviceOpt = "cpu",
-    force: ForceOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Train the generative recommender (resumable); write lm/ into the bundle."""
-    _run("lm", _workspace(data, out, profile, config, device, force, quiet))
-
-
-@app.command()
-def evaluate(
-    data: DataOpt = "ml-100k",
-    out: OutOpt = Path("bundles/ml-100k"),
-    profile: ProfileOpt = "full",
-    config: ConfigOpt = None,
-    device: DeviceOpt = "cpu",
-    quiet: QuietOpt = False,
-) -> None:
-    """Leave-one-out test of popularity, SASRec and the bundle's recommender."""
-    _run("evaluate", _workspace(data, out, profile, config, device, False, quiet))
+for _stage in STAGES:
+    _stage_command(_stage)
 
 
 @app.command()
