@@ -1,0 +1,214 @@
+"""LETTER's Table 1/2 in one harness: popularity, SASRec, TIGER (alpha = beta = 0, tau = 1),
++CF alignment, +diversity, LETTER (both) with tau tuned on validation, all on the same data,
+split and evaluation -> benchmarks/results/quality-<dataset>.json + .md + plots.
+
+    python -m benchmarks.quality --data ../shared/data/yelp --work runs/yelp [--profile full]
+    python -m benchmarks.quality --data ml-100k --work runs/ml --profile quick
+
+Every variant is a bundle under WORK/<variant>; stages resume, so an interrupted run continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import header, md_header, md_table, write_result
+from training import pipeline
+from training.config import PipelineConfig, get_profile, load_config
+from training.evaluate import evaluate_popularity
+
+PAPER_YELP = {
+    "SASRec": (0.0183, 0.0238, 0.0117, 0.0146),
+    "TIGER": (0.0262, 0.0331, 0.0169, 0.0207),
+    "LETTER-TIGER": (0.0286, 0.0364, 0.0184, 0.0227),
+    "LC-Rec": (0.0230, 0.0298, 0.0148, 0.0184),
+    "LETTER-LC-Rec": (0.0255, 0.0326, 0.0166, 0.0205),
+}
+METRICS = ["recall@5", "recall@10", "ndcg@5", "ndcg@10"]
+SHARED = ("data.json", "embeddings.npy", "embeddings.json", "cf.npy", "sasrec.json")
+
+
+def variants(cfg: PipelineConfig, taus: list[float]) -> dict[str, tuple[float, float, float]]:
+    """name -> (alpha, beta, tau)."""
+    a, b = cfg.tokenizer.alpha, cfg.tokenizer.beta
+    out = {"TIGER": (0.0, 0.0, 1.0), "+CF": (a, 0.0, 1.0), "+div": (0.0, b, 1.0)}
+    for t in taus:
+        out[f"LETTER tau={t:g}"] = (a, b, t)
+    return out
+
+
+def workspace(
+    work: Path, name: str, cfg: PipelineConfig, data: str, shared: Path, progress: bool
+) -> pipeline.Workspace:
+    out = work / name.replace(" ", "_").replace("=", "")
+    (out / "stages").mkdir(parents=True, exist_ok=True)
+    for f in SHARED:
+        dst = out / "stages" / f
+        if not dst.exists():
+            shutil.copy(shared / "stages" / f, dst)
+    return pipeline.Workspace(out=out, cfg=cfg, data_spec=data, progress=progress)
+
+
+def run_variant(ws: pipeline.Workspace, tok_src: Path | None) -> dict[str, Any]:
+    if tok_src is not None and not (ws.out / "manifest.json").exists():
+        for part in (
+            "tokenizer",
+            "report",
+            "catalogue.parquet",
+            "manifest.json",
+            "stages/tokenizer.json",
+        ):
+            src, dst = tok_src / part, ws.out / part
+            if src.is_dir():
+                shutil.copytree(src, dst, dirs_exist_ok=True)
+            else:
+                shutil.copy(src, dst)
+    pipeline.stage_tokenizer(ws)
+    lm = pipeline.stage_lm(ws)
+    pipeline.stage_evaluate(ws)
+    ev = json.loads((ws.out / "report" / "eval.json").read_text())
+    return {"lm": lm, "eval": ev}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--profile", default="full")
+    ap.add_argument("--config", type=Path, default=None)
+    ap.add_argument("--taus", default="1.0,0.7,0.5")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--only", default="", help="comma-separated variant names to run (default: all)"
+    )
+    ap.add_argument("--name", default=None)
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = (load_config(args.config) if args.config else get_profile(args.profile)).with_device(
+        args.device
+    )
+    cfg = dataclasses.replace(cfg, ablation=False)
+    progress = not args.quiet
+
+    shared = pipeline.Workspace(
+        out=args.work / "shared", cfg=cfg, data_spec=args.data, progress=progress
+    )
+    data = pipeline.stage_data(shared)
+    pipeline.stage_embed(shared)
+    sas = pipeline.stage_cf(shared)
+    split = shared.split()
+    pop = evaluate_popularity(split.train, split.test, shared.dataset().n_items)
+
+    taus = [float(t) for t in args.taus.split(",")]
+    chosen = set(filter(None, args.only.split(",")))
+    results: dict[str, dict[str, Any]] = {}
+    letter_tok: Path | None = None
+    for name, (alpha, beta, tau) in variants(cfg, taus).items():
+        if chosen and name not in chosen:
+            continue
+        vcfg = dataclasses.replace(
+            cfg,
+            tokenizer=dataclasses.replace(cfg.tokenizer, alpha=alpha, beta=beta),
+            lm=dataclasses.replace(cfg.lm, tau=tau),
+        )
+        ws = workspace(args.work, name, vcfg, args.data, shared.out, progress)
+        reuse = letter_tok if name.startswith("LETTER") else None
+        results[name] = run_variant(ws, reuse)
+        if name.startswith("LETTER") and letter_tok is None:
+            letter_tok = ws.out
+
+    rows: list[dict[str, Any]] = [
+        {"model": "Popularity", **pop},
+        {"model": "SASRec", **sas["test"]},
+    ]
+    tau_curve = []
+    for name, r in results.items():
+        row = {
+            "model": name,
+            **{k: v for k, v in r["eval"]["letterrec"].items()},
+            "valid_ndcg@10": r["lm"]["valid"].get("ndcg@10"),
+        }
+        rows.append(row)
+        if name.startswith("LETTER"):
+            tau_curve.append(
+                {
+                    "tau": float(name.split("=")[1]),
+                    "valid_ndcg@10": row["valid_ndcg@10"],
+                    "test_ndcg@10": row["ndcg@10"],
+                    "test_recall@10": row["recall@10"],
+                }
+            )
+    if tau_curve:
+        best = max(tau_curve, key=lambda r: r["valid_ndcg@10"] or -1)
+        best_row = next(r for r in rows if r["model"] == f"LETTER tau={best['tau']:g}")
+        rows.append({**best_row, "model": f"LETTER (tau tuned on validation: {best['tau']:g})"})
+    payload = {
+        **header(),
+        "dataset": data,
+        "rows": rows,
+        "tau_curve": tau_curve,
+        "train_seconds": sum(r["lm"]["train_seconds"] for r in results.values()),
+        "eval_seconds": sum(r["eval"]["letterrec"]["eval_seconds"] for r in results.values()),
+        "device": args.device,
+        "config": cfg.to_dict(),
+        "paper": {k: dict(zip(METRICS, v, strict=True)) for k, v in PAPER_YELP.items()}
+        if "yelp" in data["name"].lower()
+        else None,
+    }
+    name = args.name or data["name"].lower()
+    md = md_header(
+        f"Recommendation quality on {data['name']} (leave-one-out test, full ranking)", payload
+    )
+    md += md_table(rows, ["model", *METRICS, "coverage@10", "pop_percentile@10"])
+    if payload["paper"]:
+        md += "\nThe paper's numbers on the same data (LETTER Table 1):\n\n" + md_table(
+            [{"model": k, **v} for k, v in payload["paper"].items()], ["model", *METRICS]
+        )
+    md += f"\nTraining {payload['train_seconds']:.0f} s, evaluation {payload['eval_seconds']:.0f} s in all, on {args.device}.\n"
+    if tau_curve:
+        md += "\n## tau (ranking-guided loss)\n\n" + md_table(
+            tau_curve, ["tau", "valid_ndcg@10", "test_ndcg@10", "test_recall@10"]
+        )
+    out = write_result(f"quality-{name}", payload, md)
+    plot(rows, tau_curve, out.with_suffix(".png"))
+    print(out)
+
+
+def plot(rows: list[dict[str, Any]], tau_curve: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
+    names = [r["model"] for r in rows]
+    axes[0].barh(names, [r["ndcg@10"] for r in rows], color="tab:blue")
+    axes[0].set_xlabel("NDCG@10 (test)")
+    axes[0].invert_yaxis()
+    if tau_curve:
+        t = sorted(tau_curve, key=lambda r: r["tau"])
+        axes[1].plot(
+            [r["tau"] for r in t], [r["valid_ndcg@10"] for r in t], marker="o", label="validation"
+        )
+        axes[1].plot(
+            [r["tau"] for r in t], [r["test_ndcg@10"] for r in t], marker="s", label="test"
+        )
+        axes[1].set_xlabel("tau")
+        axes[1].set_ylabel("NDCG@10")
+        axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
