@@ -73,12 +73,25 @@ class SASRec(nn.Module):
         blocked &= ~torch.eye(t, dtype=torch.bool, device=seq.device)[None]
         return blocked.repeat_interleave(self.config.heads, 0)
 
-    def calculate_loss(self, seq: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Next-item CE at every non-pad position. seq, target [B, T]; target 0 = ignore."""
+    def calculate_loss(
+        self, seq: torch.Tensor, target: torch.Tensor, negatives: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Next-item CE at every non-pad position. seq, target [B, T]; target 0 = ignore.
+
+        negatives None: full softmax over the catalogue. Otherwise item rows [K] shared by the
+        batch (uniform sample): sampled softmax over the target plus those K, accidental hits
+        masked; on large catalogues it costs K / n_items of the full head."""
         h = self.forward(seq)
         keep = target > 0  # [B, T]
-        logits = h[keep] @ self.item_embeddings().t()  # [P, n_items]
-        return F.cross_entropy(logits, target[keep] - 1)
+        hk, tk = h[keep], target[keep] - 1  # [P, D], [P]
+        emb = self.item_embeddings()
+        if negatives is None:
+            return F.cross_entropy(hk @ emb.t(), tk)  # [P, n_items]
+        pos = (hk * emb[tk]).sum(-1, keepdim=True)  # [P, 1]
+        neg = hk @ emb[negatives].t()  # [P, K]
+        neg = neg.masked_fill(negatives[None, :] == tk[:, None], float("-inf"))
+        logits = torch.cat([pos, neg], 1)  # [P, 1 + K]
+        return F.cross_entropy(logits, torch.zeros(len(tk), dtype=torch.long, device=h.device))
 
     @torch.no_grad()
     def full_sort_predict(self, seq: torch.Tensor) -> torch.Tensor:

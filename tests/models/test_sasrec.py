@@ -26,3 +26,16 @@ def test_loss_ignores_padding_targets_and_learns():
     assert loss.item() < first / 5
     scores = model.eval().full_sort_predict(seq)
     assert scores.argmax(-1).tolist() == [3, 5]  # rows 4 and 6, 0-based item rows 3 and 5
+
+
+def test_sampled_softmax_equals_full_softmax_when_negatives_are_all_other_items():
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(n_items=6, dim=8, max_len=4, dropout=0.0)).eval()
+    seq = torch.tensor([[0, 1, 2, 3]])
+    tgt = torch.tensor([[0, 2, 3, 4]])
+    full = model.calculate_loss(seq, tgt)
+    # every item as a negative: the target's own column is masked, the rest is the full softmax
+    sampled = model.calculate_loss(seq, tgt, negatives=torch.arange(6))
+    assert torch.allclose(full, sampled, atol=1e-6)
+    fewer = model.calculate_loss(seq, tgt, negatives=torch.tensor([0, 5]))
+    assert fewer < full  # fewer negatives, smaller partition function
