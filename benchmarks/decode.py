@@ -1,8 +1,9 @@
 """Decoding benchmark: reference (HF generate + dict trie) vs the torch and vLLM engines.
 
     python benchmarks/decode.py                       # the moderate default grid (< 15 min, 2 cores)
-    python benchmarks/decode.py --items 20000,200000,1000000 --batches 1,32,256 \
-        --ref-batches 1,32,256 --memory-batches 10000 --llm     # the full grid (hours on 2 cores)
+    python benchmarks/decode.py --ref-batches 1,32,256 --ref-max-items 1000000 \
+        --vllm-batches 1,32,256 --vllm-max-items 1000000 --memory-batches 10000 --llm
+                                                      # the full grid (hours on 2 cores)
 
 One model, one process. For each catalogue size it builds the ItemTrie (timed, bytes), draws
 users (20 history items each, so prompts are 81 tokens), and measures every engine at every batch
@@ -102,10 +103,17 @@ class ReferenceEngine(DecodeEngine):
     def recommend(self, requests, trie):  # type: ignore[override]
         ref = self.tries.get(id(trie))
         if ref is None:
-            ref = self.tries[id(trie)] = ReferenceTrie.from_codes(trie.codes_array(), VOCAB.codebook_size)
+            ref = self.tries[id(trie)] = ReferenceTrie.from_codes(
+                trie.codes_array(), VOCAB.codebook_size
+            )
         items, scores = reference_beam_search(
-            self.model, [r.prompt for r in requests], ref, self.vocab, self.beam_width,
-            max(r.k for r in requests), [r.exclude for r in requests],
+            self.model,
+            [r.prompt for r in requests],
+            ref,
+            self.vocab,
+            self.beam_width,
+            max(r.k for r in requests),
+            [r.exclude for r in requests],
         )
         return [list(zip(i, s, strict=True)) for i, s in zip(items, scores, strict=True)]
 
@@ -125,8 +133,14 @@ def same_outputs(a: list[list[Any]], b: list[list[Any]], tol: float = 1e-4) -> b
 
 
 def time_engine(
-    engine: DecodeEngine, trie: ItemTrie, requests: list[DecodeRequest], batch: int,
-    n_batches: int, rss: PeakRss, desc: str, warm: bool = True,
+    engine: DecodeEngine,
+    trie: ItemTrie,
+    requests: list[DecodeRequest],
+    batch: int,
+    n_batches: int,
+    rss: PeakRss,
+    desc: str,
+    warm: bool = True,
 ) -> tuple[dict[str, float], list[list[Any]]]:
     """Warm up once, then time `n_batches` consecutive batches; outputs of all timed users."""
     if warm:
@@ -184,8 +198,14 @@ def build_engine(name: str, grid: Grid, dtype: str, args) -> DecodeEngine:
         return ReferenceEngine(grid.model_dir, grid.vocab, dtype, args.beam)
     cls = load_engine_class(name)
     max_batch = max(max(b) for b in grid.batches.values())
-    return cls(grid.model_dir, grid.vocab, device=args.device, dtype=dtype,
-               beam_width=args.beam, max_batch=max_batch)
+    return cls(
+        grid.model_dir,
+        grid.vocab,
+        device=args.device,
+        dtype=dtype,
+        beam_width=args.beam,
+        max_batch=max_batch,
+    )
 
 
 def memory_flatness(engine: DecodeEngine, codes: np.ndarray, n_batches: int, seed: int = 7):
@@ -201,7 +221,9 @@ def memory_flatness(engine: DecodeEngine, codes: np.ndarray, n_batches: int, see
         for _ in range(b):
             h = rng.integers(0, len(codes), size=int(rng.integers(0, 21)))
             ex = frozenset(h.tolist())
-            reqs.append(DecodeRequest(VOCAB.prompt(codes[h]), k=int(rng.integers(1, 21)), exclude=ex))
+            reqs.append(
+                DecodeRequest(VOCAB.prompt(codes[h]), k=int(rng.integers(1, 21)), exclude=ex)
+            )
         engine.recommend(reqs, trie)
         if i % 100 == 99:
             row = next(fresh)
@@ -239,9 +261,7 @@ class Grid:
 
 
 def run_grid(args, grid: Grid, rss: PeakRss, out: dict[str, list[Any]]) -> None:
-    max_users = max(
-        b * grid.timed_batches(e, b) for e, bs in grid.batches.items() for b in bs
-    )
+    max_users = max(b * grid.timed_batches(e, b) for e, bs in grid.batches.items() for b in bs)
     for n_items in grid.items:
         codes = random_catalogue(n_items, grid.vocab.levels, grid.vocab.codebook_size, n_items)
         trie, stats = trie_stats(codes)
@@ -250,7 +270,8 @@ def run_grid(args, grid: Grid, rss: PeakRss, out: dict[str, list[Any]]) -> None:
         requests = make_requests(codes, max_users, seed=1, vocab=grid.vocab)
         ref_out: dict[int, list[list[Any]]] = {}
         for engine_name in args.engines:
-            if engine_name == "reference" and n_items > args.ref_max_items:
+            limit = {"reference": args.ref_max_items, "vllm": args.vllm_max_items}
+            if n_items > limit.get(engine_name, n_items):
                 continue
             for dtype in grid.dtypes if engine_name == "torch" else ["float32"]:
                 try:
@@ -267,8 +288,15 @@ def run_grid(args, grid: Grid, rss: PeakRss, out: dict[str, list[Any]]) -> None:
                     # The reference is only slow, not cold: skip its warm-up batch.
                     warm = engine_name != "reference"
                     stats_row, res = time_engine(engine, trie, requests, batch, nb, rss, desc, warm)
-                    row = {"engine": engine_name, "dtype": dtype, "model": grid.model_name,
-                           "items": n_items, "batch": batch, "beam": args.beam, **stats_row}
+                    row = {
+                        "engine": engine_name,
+                        "dtype": dtype,
+                        "model": grid.model_name,
+                        "items": n_items,
+                        "batch": batch,
+                        "beam": args.beam,
+                        **stats_row,
+                    }
                     if engine_name == "reference":
                         ref_out[batch] = res
                     elif batch in ref_out:
@@ -290,16 +318,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engines", type=words, default=["reference", "torch", "vllm"])
     p.add_argument("--items", type=ints, default=[20_000, 200_000, 1_000_000])
     p.add_argument("--batches", type=ints, default=[1, 32, 256], help="torch engine batch sizes")
-    p.add_argument("--n-batches", type=int, default=0,
-                   help="torch timed batches per row (0: about 320 users, at least 3)")
+    p.add_argument(
+        "--n-batches",
+        type=int,
+        default=0,
+        help="torch timed batches per row (0: about 320 users, at least 3)",
+    )
     p.add_argument("--ref-batches", type=ints, default=[1, 32])
     p.add_argument("--ref-n-batches", type=int, default=2)
-    p.add_argument("--ref-max-items", type=int, default=20_000,
-                   help="largest catalogue for the reference (its dict trie is slow to build)")
+    p.add_argument(
+        "--ref-max-items",
+        type=int,
+        default=20_000,
+        help="largest catalogue for the reference (its dict trie is slow to build)",
+    )
     p.add_argument("--vllm-batches", type=ints, default=[1, 32])
     p.add_argument("--vllm-n-batches", type=int, default=3)
-    p.add_argument("--dtypes", type=words, default=["float32", "bfloat16"],
-                   help="torch engine dtypes")
+    p.add_argument(
+        "--vllm-max-items",
+        type=int,
+        default=20_000,
+        help="largest catalogue for vllm (each catalogue restarts its engine)",
+    )
+    p.add_argument(
+        "--dtypes", type=words, default=["float32", "bfloat16"], help="torch engine dtypes"
+    )
     p.add_argument("--beam", type=int, default=20)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
@@ -327,27 +370,38 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.time()
     memory = None
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_tiny_llama(VOCAB, Path(tmp) / "lm", hidden=args.hidden,
-                                    layers=args.layers, heads=args.heads)
+        model_dir = make_tiny_llama(
+            VOCAB, Path(tmp) / "lm", hidden=args.hidden, layers=args.layers, heads=args.heads
+        )
         small = Grid(
-            model_dir, f"llama-{args.hidden}d-{args.layers}L", VOCAB, args.items,
+            model_dir,
+            f"llama-{args.hidden}d-{args.layers}L",
+            VOCAB,
+            args.items,
             {"reference": args.ref_batches, "torch": args.batches, "vllm": args.vllm_batches},
-            {"reference": args.ref_n_batches, "torch": args.n_batches,
-             "vllm": args.vllm_n_batches},
+            {"reference": args.ref_n_batches, "torch": args.n_batches, "vllm": args.vllm_n_batches},
             args.dtypes,
         )
         run_grid(args, small, rss, out)
         if args.memory_batches and "torch" in args.engines:
             engine = build_engine("torch", small, "float32", args)
-            memory = memory_flatness(engine, random_catalogue(20_000, 4, 256, seed=5),
-                                     args.memory_batches)
+            memory = memory_flatness(
+                engine, random_catalogue(20_000, 4, 256, seed=5), args.memory_batches
+            )
             engine.close()
         if args.llm:
             llm = Grid(
-                make_llm(Path(tmp) / "llm"), "llama-0.5B", LLM_VOCAB, args.items[:1],
-                {"reference": args.llm_batches[:1], "torch": args.llm_batches,
-                 "vllm": args.llm_batches},
-                {"reference": 1, "torch": 2, "vllm": 2}, args.dtypes,
+                make_llm(Path(tmp) / "llm"),
+                "llama-0.5B",
+                LLM_VOCAB,
+                args.items[:1],
+                {
+                    "reference": args.llm_batches[:1],
+                    "torch": args.llm_batches,
+                    "vllm": args.llm_batches[:1],
+                },
+                {"reference": 1, "torch": 2, "vllm": 2},
+                args.dtypes,
                 counts_for_identity=False,
             )
             run_grid(args, llm, rss, out)
@@ -384,15 +438,25 @@ def make_llm(out: Path) -> Path:
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """users/s of each engine row over the reference row with the same model, items, batch."""
-    ref = {(r["model"], r["items"], r["batch"]): r["users_per_s"] for r in rows
-           if r["engine"] == "reference"}
+    ref = {
+        (r["model"], r["items"], r["batch"]): r["users_per_s"]
+        for r in rows
+        if r["engine"] == "reference"
+    }
     out = []
     for r in rows:
         key = (r["model"], r["items"], r["batch"])
         if r["engine"] != "reference" and key in ref:
-            out.append({"engine": r["engine"], "dtype": r["dtype"], "model": r["model"],
-                        "items": r["items"], "batch": r["batch"],
-                        "speedup_vs_reference": round(r["users_per_s"] / ref[key], 1)})
+            out.append(
+                {
+                    "engine": r["engine"],
+                    "dtype": r["dtype"],
+                    "model": r["model"],
+                    "items": r["items"],
+                    "batch": r["batch"],
+                    "speedup_vs_reference": round(r["users_per_s"] / ref[key], 1),
+                }
+            )
     return out
 
 
@@ -407,16 +471,41 @@ def markdown(head: dict[str, Any], payload: dict[str, Any], args) -> str:
         f"tests/lmfactory.py). Wall time {payload['wall_seconds']} s.\n\n"
         f"**identical_to_reference (float32): {payload['identical_to_reference']}**\n\n"
     )
-    cols = ["engine", "dtype", "model", "items", "batch", "beam", "users_per_s", "p50_ms",
-            "p99_ms", "peak_rss_mb", "n_batches", "identical_to_reference"]
+    cols = [
+        "engine",
+        "dtype",
+        "model",
+        "items",
+        "batch",
+        "beam",
+        "users_per_s",
+        "p50_ms",
+        "p99_ms",
+        "peak_rss_mb",
+        "n_batches",
+        "identical_to_reference",
+    ]
     text += "## Throughput and latency\n\n" + md_table(payload["rows"], cols)
     if payload["ratios"]:
         text += "\n## Speed-up over the reference (same run)\n\n"
-        text += md_table(payload["ratios"], ["engine", "dtype", "model", "items", "batch",
-                                             "speedup_vs_reference"])
-    text += "\n## Trie\n\n" + md_table(payload["tries"], [
-        "model", "items", "build_seconds", "bytes", "array_bytes", "rss_growth_mb",
-        "add_ms_mean", "add_ms_p99", "add_ms_max"])
+        text += md_table(
+            payload["ratios"],
+            ["engine", "dtype", "model", "items", "batch", "speedup_vs_reference"],
+        )
+    text += "\n## Trie\n\n" + md_table(
+        payload["tries"],
+        [
+            "model",
+            "items",
+            "build_seconds",
+            "bytes",
+            "array_bytes",
+            "rss_growth_mb",
+            "add_ms_mean",
+            "add_ms_p99",
+            "add_ms_max",
+        ],
+    )
     if payload["memory"]:
         mem = payload["memory"]
         text += (
@@ -428,11 +517,11 @@ def markdown(head: dict[str, Any], payload: dict[str, Any], args) -> str:
         text += "\n## Notes\n\n" + "".join(f"- {n}\n" for n in payload["notes"])
     text += (
         "\n## Reproduce\n\n"
-        f"This run: `{head['command']}`.\n\nThe full grid (all engines at batch 1/32/256 on "
-        "20k/200k/1M items, the reference at every batch size, 10,000 memory batches, the "
-        "0.5B LLM rows) takes hours on 2 cores:\n\n"
-        "```\npython benchmarks/decode.py --items 20000,200000,1000000 --batches 1,32,256 "
-        "--ref-batches 1,32,256 --memory-batches 10000 --llm\n```\n"
+        f"This run: `{head['command']}`.\n\nThe full grid (every engine at batch 1/32/256 on "
+        "20k/200k/1M items, 10,000 memory batches, the 0.5B LLM rows) takes hours on 2 cores:"
+        "\n\n```\npython benchmarks/decode.py --items 20000,200000,1000000 --batches 1,32,256 "
+        "--ref-batches 1,32,256 --ref-max-items 1000000 --vllm-batches 1,32,256 "
+        "--vllm-max-items 1000000 --memory-batches 10000 --llm\n```\n"
     )
     return text
 

@@ -211,15 +211,24 @@ def shared_prefix_attention(
     b, h, w, d = q.shape
     hkv, p = prefix_k.shape[1], prefix_k.shape[2]
     g = h // hkv  # query heads per kv head (GQA), head i reads kv head i // g as in HF
-    q5 = q.view(b, hkv, g, w, d)
+    q5 = q.reshape(b, hkv, g, w, d)
     s_pre = (q5.reshape(b, hkv, g * w, d) @ prefix_k.transpose(-1, -2)).view(b, hkv, g, w, p)
-    ok = own_k.permute(0, 2, 1, 3, 4)  # [B, Hkv, W, T, D]
-    s_own = torch.einsum("bkgwd,bkwtd->bkgwt", q5, ok)  # [B, Hkv, G, W, T]
+    # T <= L own keys per beam: broadcast products beat thousands of tiny batched matmuls.
+    own_k5 = own_k.permute(0, 2, 1, 3, 4).unsqueeze(2)  # [B, Hkv, 1, W, T, D]
+    s_own = (q5.unsqueeze(-2) * own_k5).sum(-1)  # [B, Hkv, G, W, T]
     s = torch.cat([s_pre * scale + prefix_bias, s_own * scale], dim=-1)
     s = torch.softmax(s.float(), dim=-1).to(q.dtype)  # [B, Hkv, G, W, P+T]
     out = (s[..., :p].reshape(b, hkv, g * w, p) @ prefix_v).view(b, hkv, g, w, d)
-    out = out + torch.einsum("bkgwt,bkwtd->bkgwd", s[..., p:], own_v.permute(0, 2, 1, 3, 4))
+    own_v5 = own_v.permute(0, 2, 1, 3, 4).unsqueeze(2)  # [B, Hkv, 1, W, T, D]
+    out = out + (s[..., p:].unsqueeze(-1) * own_v5).sum(-2)
     return out.reshape(b, h, w, d)
+
+
+def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's `x * cos + rotate_half(x) * sin` (same float ops, bit-identical) when both halves
+    of cos/sin are equal, as in every Llama RoPE variant; x [..., D], cos/sin [..., D/2]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 @dataclass
@@ -228,8 +237,8 @@ class _SharedState:
     prefix_v: list[torch.Tensor]
     prefix_bias: torch.Tensor  # [B, 1, 1, 1, P]
     lengths: torch.Tensor  # [B]
-    own_k: list[torch.Tensor | None]  # per layer [B, W, Hkv, T, D]
-    own_v: list[torch.Tensor | None]
+    # Every layer's generated K and V in one tensor, so reordering beams is one gather per step:
+    own: torch.Tensor | None = None  # [layers, 2, B, W, Hkv, capacity, D]
     generated: int = 0
 
 
@@ -247,6 +256,7 @@ class SharedPrefixDecoder:
         self.layers = list(self.inner.layers)
         attn = self.layers[0].self_attn
         self.head_dim: int = attn.head_dim
+        self.n_kv: int = model.config.num_key_value_heads
         self.scale: float = attn.scaling
         self.pad_id = model.config.pad_token_id or 0
 
@@ -254,12 +264,25 @@ class SharedPrefixDecoder:
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
 
+    def _rotary(self, h: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, 1, S, D] (or their first halves [B, 1, S, D/2] when the halves agree)."""
+        cos, sin = self.inner.rotary_emb(h, pos)  # [B, S, D]
+        half = self.head_dim // 2
+        if torch.equal(cos[..., :half], cos[..., half:]) and torch.equal(
+            sin[..., :half], sin[..., half:]
+        ):
+            cos, sin = cos[..., :half], sin[..., :half]
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
     def _qkv(self, attn: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B, S, hidden] -> q [B, H, S, D], k and v [B, Hkv, S, D], rotary applied."""
         shape = (*x.shape[:-1], -1, self.head_dim)
         q, k, v = (proj(x).view(shape) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if cos.shape[-1] == self.head_dim:
+            q, k = apply_rotary_pos_emb(q, k, cos.squeeze(1), sin.squeeze(1))
+        else:
+            q, k = rotate_halves(q, cos, sin), rotate_halves(k, cos, sin)
         return q, k, v
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, _SharedState]:
@@ -267,12 +290,11 @@ class SharedPrefixDecoder:
         b, p = ids.shape
         h = self.inner.embed_tokens(ids)  # [B, P, hidden]
         pos = torch.arange(p, device=ids.device).expand(b, p)
-        cos, sin = self.inner.rotary_emb(h, pos)
+        cos, sin = self._rotary(h, pos)
         valid = pos < lengths[:, None]  # [B, P]
         last = lengths - 1
         rows = torch.arange(b, device=ids.device)
-        state = _SharedState([], [], torch.zeros(0), lengths, [None] * len(self.layers),
-                             [None] * len(self.layers))
+        state = _SharedState([], [], torch.zeros(0), lengths)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             q, k, v = self._qkv(attn, layer.input_layernorm(h), cos, sin)
@@ -299,27 +321,44 @@ class SharedPrefixDecoder:
 
     def step(self, state: _SharedState, parents: torch.Tensor, tokens: torch.Tensor):
         b, w = tokens.shape
-        rows = torch.arange(b, device=tokens.device)[:, None]  # [B, 1]
+        t = state.generated
+        own = self._own_cache(state, parents, w)  # [layers, 2, B, W, Hkv, C, D]
         h = self.inner.embed_tokens(tokens)  # [B, W, hidden]
-        pos = (state.lengths[:, None] + state.generated).expand(b, w)
-        cos, sin = self.inner.rotary_emb(h, pos)
+        cos, sin = self._rotary(h, (state.lengths[:, None] + t).expand(b, w))
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             q, k, v = self._qkv(attn, layer.input_layernorm(h), cos, sin)  # [B, H|Hkv, W, D]
-            k_new, v_new = k.transpose(1, 2).unsqueeze(3), v.transpose(1, 2).unsqueeze(3)
-            own_k, own_v = state.own_k[i], state.own_v[i]
-            if own_k is not None and own_v is not None:
-                k_new = torch.cat([own_k[rows, parents], k_new], dim=3)  # [B, W, Hkv, T, D]
-                v_new = torch.cat([own_v[rows, parents], v_new], dim=3)
-            state.own_k[i], state.own_v[i] = k_new, v_new
+            own[i, 0, :, :, :, t] = k.transpose(1, 2)  # [B, W, Hkv, D]
+            own[i, 1, :, :, :, t] = v.transpose(1, 2)
             o = shared_prefix_attention(
-                q, state.prefix_k[i], state.prefix_v[i], state.prefix_bias, k_new, v_new,
+                q,
+                state.prefix_k[i],
+                state.prefix_v[i],
+                state.prefix_bias,
+                own[i, 0, :, :, :, : t + 1],
+                own[i, 1, :, :, :, : t + 1],
                 self.scale,
             )  # [B, H, W, D]
             h = h + attn.o_proj(o.transpose(1, 2).reshape(b, w, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         state.generated += 1
         return self.model.lm_head(self.inner.norm(h))  # [B, W, V]
+
+    def _own_cache(self, state: _SharedState, parents: torch.Tensor, w: int) -> torch.Tensor:
+        """The generated-token KV reordered by `parents` [B, W], with room for one more token."""
+        t, own = state.generated, state.own
+        b = parents.shape[0]
+        if own is None or own.shape[5] <= t:
+            grown = state.prefix_k[0].new_empty(
+                len(self.layers), 2, b, w, self.n_kv, max(4, 2 * t), self.head_dim
+            )
+            if own is not None:
+                grown[..., :t, :] = own[..., :t, :]
+            own = state.own = grown
+        if t:
+            rows = torch.arange(b, device=parents.device)[:, None]  # [B, 1]
+            own[..., :t, :] = own[:, :, rows, parents, :, :t]
+        return own
 
 
 @dataclass

@@ -42,7 +42,7 @@ class _Level:
 
     counts: np.ndarray  # dense: [N^d] int32 indexed by key; sparse: [M] int32 aligned with keys
     keys: np.ndarray | None = None  # sparse only: [M] int64, sorted, unique
-    dkeys: np.ndarray | None = None  # sparse delta run: [m] int64, sorted, unique, disjoint from keys
+    dkeys: np.ndarray | None = None  # sparse delta run: [m] int64, sorted, disjoint from keys
     dcounts: np.ndarray | None = None  # [m] int32
     items: np.ndarray | None = None  # leaf level only: item index per entry, -1 when none active
     ditems: np.ndarray | None = None  # leaf level only, aligned with dkeys
@@ -137,7 +137,9 @@ class ItemTrie:
 
     def __init__(self, levels: int, codebook_size: int) -> None:
         if levels < 1 or codebook_size < 2:
-            raise ValueError(f"need levels >= 1 and codebook_size >= 2, got {levels}, {codebook_size}")
+            raise ValueError(
+                f"need levels >= 1 and codebook_size >= 2, got {levels}, {codebook_size}"
+            )
         if levels * np.log2(codebook_size) > 62:
             raise ValueError(
                 f"{levels} levels of {codebook_size} codes do not fit a packed int64 key; "
@@ -392,8 +394,12 @@ class TrieTensors:
     def from_levels(cls, levels: list[_Level], n_levels: int, n: int, device) -> TrieTensors:
         dev = torch.device(device)
         per = tuple(
-            _LevelTensors(*(_t(a, dev) for a in (lv.counts, lv.keys, lv.dkeys, lv.dcounts,
-                                                 lv.items, lv.ditems)))
+            _LevelTensors(
+                *(
+                    _t(a, dev)
+                    for a in (lv.counts, lv.keys, lv.dkeys, lv.dcounts, lv.items, lv.ditems)
+                )
+            )
             for lv in levels
         )
         return cls(n_levels, n, per)

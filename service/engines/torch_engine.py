@@ -46,7 +46,9 @@ class TorchEngine(DecodeEngine):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
         if beam_width < 1 or max_batch < 1:
-            raise ValueError(f"beam_width and max_batch must be >= 1, got {beam_width}, {max_batch}")
+            raise ValueError(
+                f"beam_width and max_batch must be >= 1, got {beam_width}, {max_batch}"
+            )
         self.vocab = vocab
         self.device = torch.device(device)
         self.beam_width = beam_width
@@ -63,7 +65,11 @@ class TorchEngine(DecodeEngine):
         self.decoder = make_decoder(self.model)
         log.info(
             "torch engine: %s on %s (%s), decoder %s, beam %d",
-            cfg.model_type, self.device, dtype, type(self.decoder).__name__, beam_width,
+            cfg.model_type,
+            self.device,
+            dtype,
+            type(self.decoder).__name__,
+            beam_width,
         )
 
     def recommend(

@@ -48,7 +48,9 @@ def test_allowed_codes_subtracts_exclusions_per_user():
 
 def test_masked_log_probs_normalises_over_the_whole_vocabulary():
     logits = torch.zeros(1, 4)  # uniform over 4 tokens; level codes are tokens 2 and 3
-    got = masked_log_probs(logits, level_start=2, codebook_size=2, allowed=torch.tensor([[1, 0]]).bool())
+    got = masked_log_probs(
+        logits, level_start=2, codebook_size=2, allowed=torch.tensor([[1, 0]]).bool()
+    )
     assert got.tolist() == [[pytest.approx(-math.log(4)), INF]]
 
 
@@ -113,10 +115,18 @@ def hf_reference(model, prompts, tries, vocab: CodeVocab, beam: int, k: int):
         return [vocab.level_start(len(generated)) + c for c in node]
 
     out = model.generate(
-        input_ids=ids, attention_mask=mask, num_beams=beam, num_return_sequences=beam,
-        prefix_allowed_tokens_fn=allowed, length_penalty=0.0, do_sample=False,
-        max_new_tokens=vocab.levels, return_dict_in_generate=True, output_scores=True,
-        pad_token_id=vocab.pad_id, eos_token_id=vocab.eos_id,
+        input_ids=ids,
+        attention_mask=mask,
+        num_beams=beam,
+        num_return_sequences=beam,
+        prefix_allowed_tokens_fn=allowed,
+        length_penalty=0.0,
+        do_sample=False,
+        max_new_tokens=vocab.levels,
+        return_dict_in_generate=True,
+        output_scores=True,
+        pad_token_id=vocab.pad_id,
+        eos_token_id=vocab.eos_id,
     )
     seqs = out.sequences[:, p_max:].view(len(prompts), beam, -1)
     scores = out.sequences_scores.view(len(prompts), beam)
@@ -143,8 +153,9 @@ def assert_same(got, want, tol: float = 1e-4) -> None:
 # ---- fixtures --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return make_tiny_llama(VOCAB, tmp_path_factory.mktemp("lm"), hidden=32, layers=2, heads=4,
-                           kv_heads=2, seed=0)
+    return make_tiny_llama(
+        VOCAB, tmp_path_factory.mktemp("lm"), hidden=32, layers=2, heads=4, kv_heads=2, seed=0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +210,9 @@ def test_exclusions_equal_a_trie_without_the_items(model64, catalogue):
             ex |= set(np.flatnonzero(catalogue[:, 0] == catalogue[best[0], 0]).tolist())
         excludes.append(frozenset(ex))
     got = beam_search(model64, prompts, trie, VOCAB, beam_width=20, k=10, excludes=excludes)
-    want = hf_reference(model64, prompts, [dict_trie(catalogue, e) for e in excludes], VOCAB, 20, 10)
+    want = hf_reference(
+        model64, prompts, [dict_trie(catalogue, e) for e in excludes], VOCAB, 20, 10
+    )
     assert_same(got, want)
     for b, ex in enumerate(excludes):
         assert not ex & set(got.items[b].tolist())
@@ -222,9 +235,17 @@ def test_hf_cache_decoder_matches_generate(model64, catalogue):
 
 def test_qwen2_uses_the_shared_prefix_path_and_matches(catalogue):
     cfg = Qwen2Config(
-        vocab_size=VOCAB.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=80,
-        initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=80,
+        initializer_range=0.2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(1)
     model = Qwen2ForCausalLM(cfg).to(torch.float64).eval()
@@ -252,8 +273,10 @@ def test_deactivated_items_vanish_and_added_items_appear(model64, catalogue):
     trie.deactivate(gone)
     after = beam_search(model64, prompts, trie, VOCAB, beam_width=10, k=5)
     assert gone not in after.items.tolist()[0]
-    assert_same(after, hf_reference(model64, prompts, [dict_trie(catalogue, frozenset({gone}))] * 5,
-                                    VOCAB, 10, 5))
+    assert_same(
+        after,
+        hf_reference(model64, prompts, [dict_trie(catalogue, frozenset({gone}))] * 5, VOCAB, 10, 5),
+    )
     new = trie.add(list(trie.codes_of(gone)))  # same identifier, new catalogue row
     again = beam_search(model64, prompts, trie, VOCAB, beam_width=10, k=5)
     assert again.items[0, 0] == new

@@ -38,7 +38,9 @@ def requests_for(catalogue: np.ndarray, n: int, seed: int = 0) -> list[DecodeReq
     out = []
     for i in range(n):
         hist = rng.integers(0, len(catalogue), size=int(rng.integers(0, 22))).tolist()
-        out.append(DecodeRequest(VOCAB.prompt(catalogue[hist]), k=1 + i % 6, exclude=frozenset(hist)))
+        out.append(
+            DecodeRequest(VOCAB.prompt(catalogue[hist]), k=1 + i % 6, exclude=frozenset(hist))
+        )
     return out
 
 
@@ -49,7 +51,9 @@ def test_registry_is_an_explicit_dict_and_loads_lazily():
     }
     cls = load_engine_class("torch")
     assert cls is TorchEngine and issubclass(cls, DecodeEngine)
-    with pytest.raises(ValueError, match=r"unknown decoding engine 'tensorrt'.*\['torch', 'vllm'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown decoding engine 'tensorrt'.*\['torch', 'vllm'\]"
+    ):
         load_engine_class("tensorrt")
 
 
@@ -59,7 +63,12 @@ def test_recommend_equals_beam_search_across_batches(engine, catalogue):
     got = engine.recommend(reqs, trie)
     assert len(got) == len(reqs)
     whole = beam_search(
-        engine.model, [r.prompt for r in reqs], trie, VOCAB, beam_width=10, k=6,
+        engine.model,
+        [r.prompt for r in reqs],
+        trie,
+        VOCAB,
+        beam_width=10,
+        k=6,
         excludes=[r.exclude for r in reqs],
     )
     for b, (r, recs) in enumerate(zip(reqs, got, strict=True)):
@@ -81,7 +90,9 @@ def test_fewer_items_than_k(engine):
     trie = ItemTrie.from_codes(np.array([[1, 2, 3], [4, 5, 6]]), VOCAB.codebook_size)
     (recs,) = engine.recommend([DecodeRequest([VOCAB.bos_id], k=5)], trie)
     assert sorted(r.item_index for r in recs) == [0, 1]
-    (none,) = engine.recommend([DecodeRequest([VOCAB.bos_id], k=5, exclude=frozenset({0, 1}))], trie)
+    (none,) = engine.recommend(
+        [DecodeRequest([VOCAB.bos_id], k=5, exclude=frozenset({0, 1}))], trie
+    )
     assert none == []
     assert engine.recommend([], trie) == []
 
