@@ -1,0 +1,31 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from training.config import PROFILES, get_profile, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_experiment_files_parse_into_typed_configs():
+    cfg = load_config(ROOT / "benchmarks" / "configs" / "yelp-cpu.json")
+    assert cfg.lm.model.hidden == 128 and cfg.lm.epochs == 20
+    assert cfg.tokenizer.codebook_size == 256 and cfg.cf.negatives == 2048
+
+
+def test_unknown_fields_are_errors_naming_the_field(tmp_path):
+    path = tmp_path / "exp.json"
+    path.write_text(json.dumps({"lm": {"model": {"hiden": 64}}}))
+    with pytest.raises(ValueError, match=r"RecommenderConfig: unknown field\(s\) \['hiden'\]"):
+        load_config(path)
+    path.write_text("{")
+    with pytest.raises(ValueError, match="invalid JSON at line 1"):
+        load_config(path)
+
+
+def test_profiles_registry():
+    assert set(PROFILES) == {"full", "quick"}
+    with pytest.raises(ValueError, match="unknown profile 'x'; valid: \\['full', 'quick'\\]"):
+        get_profile("x")
+    assert get_profile("quick").with_device("cuda").lm.device == "cuda"
