@@ -186,9 +186,8 @@ class ItemTrie:
                 "item identifiers must be unique"
             )
         n, levels = codes.shape
-        trie._codes = codes.astype(np.int32)
-        trie._active = np.ones(n, dtype=bool)
         trie._n = trie._n_active = n
+        trie._store_rows(codes, np.ones(n, dtype=bool))
         trie._levels = [
             _build_level(sorted_keys, d, levels, codebook_size, order) for d in range(1, levels + 1)
         ]
@@ -288,6 +287,14 @@ class ItemTrie:
         self.version += 1
         return index
 
+    def _store_rows(self, codes: np.ndarray, active: np.ndarray) -> None:
+        """Item rows with 1/8 spare capacity, so the first adds after a build do not copy."""
+        cap = len(codes) + max(1024, len(codes) // 8)
+        self._codes = np.zeros((cap, self.levels), dtype=np.int32)
+        self._codes[: len(codes)] = codes
+        self._active = np.zeros(cap, dtype=bool)
+        self._active[: len(codes)] = active
+
     def _grow(self, size: int) -> None:
         if size <= self._codes.shape[0]:
             return
@@ -341,9 +348,9 @@ class ItemTrie:
             raise ValueError(f"serialised ItemTrie has format {fmt}, this code reads {_FORMAT}")
         trie = cls(levels, n_codes)
         trie._levels = []
-        trie._codes = npz["codes"].astype(np.int32)
-        trie._active = npz["active"].astype(bool)
-        trie._n, trie._n_active, trie.version = n, int(trie._active.sum()), version
+        active = npz["active"].astype(bool)
+        trie._n, trie._n_active, trie.version = n, int(active.sum()), version
+        trie._store_rows(npz["codes"], active)
         for d in range(1, levels + 1):
             keys = npz.get(f"keys{d}")
             items = npz.get(f"items{d}")
