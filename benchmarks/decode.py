@@ -147,13 +147,14 @@ def time_engine(
         engine.recommend(requests[:batch], trie)
     gc.collect()
     rss.reset()
-    lat, outputs = [], []
+    lat, cpu, outputs = [], [], []
     for i in tqdm(range(n_batches), desc=desc, leave=False):
         chunk = requests[(i * batch) % len(requests) :][:batch]
         chunk = chunk if len(chunk) == batch else requests[:batch]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         outputs.extend(engine.recommend(chunk, trie))
         lat.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     lat_ms = np.array(lat) * 1e3
     return {
         "users_per_s": round(batch * n_batches / float(np.sum(lat)), 2),
@@ -161,7 +162,44 @@ def time_engine(
         "p99_ms": round(float(np.percentile(lat_ms, 99)), 2),
         "peak_rss_mb": round(rss.peak_mb, 1),
         "n_batches": n_batches,
+        # CPU seconds of this process per user: less sensitive than wall time to other load
+        # (vLLM works in other processes, so its figure is not comparable).
+        "cpu_ms_per_user": round(float(np.sum(cpu)) * 1e3 / (batch * n_batches), 2),
     }, outputs
+
+
+def paired_speedup(
+    grid: Grid, args, rounds: int = 3, batch: int = 32, n_items: int = 20_000
+) -> dict[str, Any]:
+    """Reference and torch float32 batches interleaved, so both see the same background load."""
+    codes = random_catalogue(n_items, grid.vocab.levels, grid.vocab.codebook_size, n_items)
+    trie = ItemTrie.from_codes(codes, grid.vocab.codebook_size)
+    requests = make_requests(codes, batch * rounds, seed=11, vocab=grid.vocab)
+    ref = build_engine("reference", grid, "float32", args)
+    fast = build_engine("torch", grid, "float32", args)
+    fast.recommend(requests[:batch], trie)
+    ref_s, fast_s, same = [], [], True
+    for r in tqdm(range(rounds), desc="paired reference/torch"):
+        chunk = requests[r * batch : (r + 1) * batch]
+        t0 = time.perf_counter()
+        want = ref.recommend(chunk, trie)
+        ref_s.append(time.perf_counter() - t0)
+        for _ in range(3):
+            t0 = time.perf_counter()
+            got = fast.recommend(chunk, trie)
+            fast_s.append(time.perf_counter() - t0)
+        same = same and same_outputs(got, want)
+    fast.close()
+    return {
+        "model": grid.model_name,
+        "items": n_items,
+        "batch": batch,
+        "rounds": rounds,
+        "reference_users_per_s": round(batch / float(np.median(ref_s)), 2),
+        "torch_users_per_s": round(batch / float(np.median(fast_s)), 2),
+        "speedup": round(float(np.median(ref_s) / np.median(fast_s)), 1),
+        "identical_to_reference": same,
+    }
 
 
 def trie_stats(codes: np.ndarray, n_adds: int = 1000) -> tuple[ItemTrie, dict[str, Any]]:
@@ -383,6 +421,11 @@ def main(argv: list[str] | None = None) -> None:
             args.dtypes,
         )
         run_grid(args, small, rss, out)
+        paired = None
+        if {"reference", "torch"} <= set(args.engines) and "float32" in args.dtypes:
+            paired = paired_speedup(small, args)
+            out["identical"].append(paired["identical_to_reference"])
+            log.info("paired %s", paired)
         if args.memory_batches and "torch" in args.engines:
             engine = build_engine("torch", small, "float32", args)
             memory = memory_flatness(
@@ -414,6 +457,7 @@ def main(argv: list[str] | None = None) -> None:
         "trie": max(out["tries"], key=lambda t: t["items"]),
         "tries": out["tries"],
         "memory": memory,
+        "paired": paired,
         "ratios": ratios(out["rows"]),
         "notes": out["notes"],
         "wall_seconds": round(time.time() - t_start, 1),
@@ -438,11 +482,7 @@ def make_llm(out: Path) -> Path:
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """users/s of each engine row over the reference row with the same model, items, batch."""
-    ref = {
-        (r["model"], r["items"], r["batch"]): r["users_per_s"]
-        for r in rows
-        if r["engine"] == "reference"
-    }
+    ref = {(r["model"], r["items"], r["batch"]): r for r in rows if r["engine"] == "reference"}
     out = []
     for r in rows:
         key = (r["model"], r["items"], r["batch"])
@@ -454,7 +494,10 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "model": r["model"],
                     "items": r["items"],
                     "batch": r["batch"],
-                    "speedup_vs_reference": round(r["users_per_s"] / ref[key], 1),
+                    "speedup_vs_reference": round(r["users_per_s"] / ref[key]["users_per_s"], 1),
+                    "cpu_speedup_vs_reference": round(
+                        ref[key]["cpu_ms_per_user"] / r["cpu_ms_per_user"], 1
+                    ),
                 }
             )
     return out
@@ -483,6 +526,7 @@ def markdown(head: dict[str, Any], payload: dict[str, Any], args) -> str:
         "p99_ms",
         "peak_rss_mb",
         "n_batches",
+        "cpu_ms_per_user",
         "identical_to_reference",
     ]
     text += "## Throughput and latency\n\n" + md_table(payload["rows"], cols)
@@ -490,7 +534,29 @@ def markdown(head: dict[str, Any], payload: dict[str, Any], args) -> str:
         text += "\n## Speed-up over the reference (same run)\n\n"
         text += md_table(
             payload["ratios"],
-            ["engine", "dtype", "model", "items", "batch", "speedup_vs_reference"],
+            [
+                "engine",
+                "dtype",
+                "model",
+                "items",
+                "batch",
+                "speedup_vs_reference",
+                "cpu_speedup_vs_reference",
+            ],
+        )
+        text += (
+            "\n`cpu_speedup_vs_reference` compares CPU seconds of this process per user (vLLM "
+            "computes in its own processes, so its CPU figure is not comparable).\n"
+        )
+    if payload.get("paired"):
+        pr = payload["paired"]
+        text += (
+            f"\n## Paired measurement\n\nReference and torch float32 batches interleaved "
+            f"({pr['rounds']} rounds of one reference batch then three torch batches on the same "
+            f"{pr['batch']} users, {pr['items']} items), so both see the same background load: "
+            f"reference {pr['reference_users_per_s']} users/s, torch {pr['torch_users_per_s']} "
+            f"users/s, **speed-up {pr['speedup']}x**, identical outputs: "
+            f"{pr['identical_to_reference']}.\n"
         )
     text += "\n## Trie\n\n" + md_table(
         payload["tries"],
