@@ -15,7 +15,10 @@ Counts (rather than a bitmask) make deactivation and per-request exclusions exac
 valid continuation iff its count, minus the excluded active items under it, is positive.
 
 `TrieTensors` is the same data as torch tensors on a device, so the valid next codes of a whole
-batch of beams come from a gather or a `searchsorted` (see `child_counts`).
+batch of beams come from a gather or a `searchsorted` (see `child_counts`). On CPU the tensors
+share memory with the arrays; `ItemTrie.tensors` rebuilds the view after every add/deactivate.
+Mutating a trie while a search reads it is not supported: serialise updates with decoding (or
+decode on a copy, `ItemTrie.from_bytes(trie.to_bytes())`).
 """
 
 from __future__ import annotations
