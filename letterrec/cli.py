@@ -40,6 +40,22 @@ ConfigOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo stages whose outputs exist.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
+ThreadsOpt = Annotated[
+    int,
+    typer.Option(
+        "--threads",
+        min=0,
+        help="torch CPU threads (0 = torch's default). 1 is fastest for the small ops of SASRec "
+        "and the tokenizer on a busy machine.",
+    ),
+]
+
+
+def _set_threads(threads: int) -> None:
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _device(name: str) -> str:
@@ -135,7 +151,9 @@ def _stage_command(stage: str) -> None:
         device: DeviceOpt = "cpu",
         force: ForceOpt = False,
         quiet: QuietOpt = False,
+        threads: ThreadsOpt = 0,
     ) -> None:
+        _set_threads(threads)
         _run(stage, _workspace(data, out, profile, config, device, force, quiet))
 
     command.__doc__ = doc
@@ -158,8 +176,10 @@ def pipeline(
     stages: Annotated[
         str, typer.Option("--stages", help="Comma-separated subset of the stages, in order.")
     ] = "",
+    threads: ThreadsOpt = 0,
 ) -> None:
     """All offline stages in order; each resumes from its saved output."""
+    _set_threads(threads)
     ws = _workspace(data, out, profile, config, device, force, quiet)
     chosen = [s.strip() for s in stages.split(",") if s.strip()] if stages else STAGES
     unknown = [s for s in chosen if s not in STAGES]
