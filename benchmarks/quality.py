@@ -46,7 +46,7 @@ def variants(cfg: PipelineConfig, taus: list[float]) -> dict[str, tuple[float, f
 def workspace(
     work: Path, name: str, cfg: PipelineConfig, data: str, shared: Path, progress: bool
 ) -> pipeline.Workspace:
-    out = work / name.replace(" ", "_").replace("=", "")
+    out = variant_dir(work, name)
     (out / "stages").mkdir(parents=True, exist_ok=True)
     for f in SHARED:
         dst = out / "stages" / f
@@ -76,6 +76,19 @@ def run_variant(ws: pipeline.Workspace, tok_src: Path | None) -> dict[str, Any]:
     return {"lm": lm, "eval": ev}
 
 
+def variant_dir(work: Path, name: str) -> Path:
+    return work / name.replace(" ", "_").replace("=", "")
+
+
+def finished(work: Path, name: str) -> dict[str, Any] | None:
+    """A variant's lm summary and evaluation when its run has completed (any process)."""
+    out = variant_dir(work, name)
+    lm, ev = out / "stages" / "lm.json", out / "report" / "eval.json"
+    if not (lm.exists() and ev.exists()):
+        return None
+    return {"lm": json.loads(lm.read_text()), "eval": json.loads(ev.read_text())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -87,12 +100,25 @@ def main() -> None:
     ap.add_argument("--taus", default="1.0,0.7,0.5")
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
-        "--only", default="", help="comma-separated variant names to run (default: all)"
+        "--only",
+        default="",
+        help="comma-separated variant names to train (default: all); variants are independent, "
+        "so several processes may each run some of them once the shared stages exist",
     )
+    ap.add_argument(
+        "--collect-only",
+        action="store_true",
+        help="train nothing: run the shared stages and write the report from finished variants",
+    )
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     ap.add_argument("--name", default=None)
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     cfg = (load_config(args.config) if args.config else get_profile(args.profile)).with_device(
         args.device
     )
@@ -109,11 +135,13 @@ def main() -> None:
     pop = evaluate_popularity(split.train, split.test, shared.dataset().n_items)
 
     taus = [float(t) for t in args.taus.split(",")]
+    grid = variants(cfg, taus)
     chosen = set(filter(None, args.only.split(",")))
-    results: dict[str, dict[str, Any]] = {}
-    letter_tok: Path | None = None
-    for name, (alpha, beta, tau) in variants(cfg, taus).items():
-        if chosen and name not in chosen:
+    unknown = chosen - set(grid)
+    if unknown:
+        raise SystemExit(f"--only: unknown variant(s) {sorted(unknown)}; valid: {sorted(grid)}")
+    for name, (alpha, beta, tau) in grid.items():
+        if args.collect_only or (chosen and name not in chosen):
             continue
         vcfg = dataclasses.replace(
             cfg,
@@ -121,11 +149,30 @@ def main() -> None:
             lm=dataclasses.replace(cfg.lm, tau=tau),
         )
         ws = workspace(args.work, name, vcfg, args.data, shared.out, progress)
-        reuse = letter_tok if name.startswith("LETTER") else None
-        results[name] = run_variant(ws, reuse)
-        if name.startswith("LETTER") and letter_tok is None:
-            letter_tok = ws.out
+        # LETTER variants differ only in tau: the first finished LETTER tokenizer is reused.
+        reuse = next(
+            (
+                variant_dir(args.work, n)
+                for n in grid
+                if n.startswith("LETTER")
+                and n != name
+                and (variant_dir(args.work, n) / "manifest.json").exists()
+            ),
+            None,
+        )
+        run_variant(ws, reuse if name.startswith("LETTER") else None)
+    results = {n: r for n in grid if (r := finished(args.work, n)) is not None}
+    report(args, cfg, data, pop, sas, results)
 
+
+def report(
+    args: argparse.Namespace,
+    cfg: PipelineConfig,
+    data: dict[str, Any],
+    pop: dict[str, float],
+    sas: dict[str, Any],
+    results: dict[str, dict[str, Any]],
+) -> None:
     rows: list[dict[str, Any]] = [
         {"model": "Popularity", **pop},
         {"model": "SASRec", **sas["test"]},
@@ -136,6 +183,8 @@ def main() -> None:
             "model": name,
             **{k: v for k, v in r["eval"]["letterrec"].items()},
             "valid_ndcg@10": r["lm"]["valid"].get("ndcg@10"),
+            "epochs": r["lm"]["epochs"],
+            "train_seconds": r["lm"]["train_seconds"],
         }
         rows.append(row)
         if name.startswith("LETTER"):
@@ -156,6 +205,7 @@ def main() -> None:
         "dataset": data,
         "rows": rows,
         "tau_curve": tau_curve,
+        "histories": {n: r["lm"]["history"] for n, r in results.items()},
         "train_seconds": sum(r["lm"]["train_seconds"] for r in results.values()),
         "eval_seconds": sum(r["eval"]["letterrec"]["eval_seconds"] for r in results.values()),
         "device": args.device,
@@ -168,7 +218,10 @@ def main() -> None:
     md = md_header(
         f"Recommendation quality on {data['name']} (leave-one-out test, full ranking)", payload
     )
-    md += md_table(rows, ["model", *METRICS, "coverage@10", "pop_percentile@10"])
+    md += md_table(
+        rows,
+        ["model", *METRICS, "coverage@10", "pop_percentile@10", "epochs", "train_seconds"],
+    )
     if payload["paper"]:
         md += "\nThe paper's numbers on the same data (LETTER Table 1):\n\n" + md_table(
             [{"model": k, **v} for k, v in payload["paper"].items()], ["model", *METRICS]
@@ -179,32 +232,44 @@ def main() -> None:
             tau_curve, ["tau", "valid_ndcg@10", "test_ndcg@10", "test_recall@10"]
         )
     out = write_result(f"quality-{name}", payload, md)
-    plot(rows, tau_curve, out.with_suffix(".png"))
+    plot(rows, tau_curve, payload["histories"], out.with_suffix(".png"))
     print(out)
 
 
-def plot(rows: list[dict[str, Any]], tau_curve: list[dict[str, Any]], path: Path) -> None:
+def plot(
+    rows: list[dict[str, Any]],
+    tau_curve: list[dict[str, Any]],
+    histories: dict[str, list[dict[str, float]]],
+    path: Path,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4), gridspec_kw={"width_ratios": [2, 1.3, 1]})
     names = [r["model"] for r in rows]
     axes[0].barh(names, [r["ndcg@10"] for r in rows], color="tab:blue")
     axes[0].set_xlabel("NDCG@10 (test)")
     axes[0].invert_yaxis()
+    for name, hist in histories.items():
+        pts = [(h["epoch"], h["valid_ndcg@10"]) for h in hist if "valid_ndcg@10" in h]
+        if pts:
+            axes[1].plot(*zip(*pts, strict=True), marker=".", label=name)
+    axes[1].set_xlabel("epoch")
+    axes[1].set_ylabel("NDCG@10 (validation subset)")
+    axes[1].legend(fontsize=7)
     if tau_curve:
         t = sorted(tau_curve, key=lambda r: r["tau"])
-        axes[1].plot(
+        axes[2].plot(
             [r["tau"] for r in t], [r["valid_ndcg@10"] for r in t], marker="o", label="validation"
         )
-        axes[1].plot(
+        axes[2].plot(
             [r["tau"] for r in t], [r["test_ndcg@10"] for r in t], marker="s", label="test"
         )
-        axes[1].set_xlabel("tau")
-        axes[1].set_ylabel("NDCG@10")
-        axes[1].legend()
+        axes[2].set_xlabel("tau")
+        axes[2].set_ylabel("NDCG@10")
+        axes[2].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

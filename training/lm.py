@@ -261,6 +261,7 @@ def train_lm(
                 state.bad += 1
         state.history.append(row)
         state.epoch = epoch + 1
+        log.info("recommender epoch %d: %s", epoch + 1, {k: round(v, 5) for k, v in row.items()})
         bar.set_postfix(loss=f"{row['loss']:.3f}", best_ndcg10=f"{max(state.best, 0):.4f}")
         if checkpoint is not None:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
