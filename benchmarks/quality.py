@@ -258,7 +258,8 @@ def plot(
             axes[1].plot(*zip(*pts, strict=True), marker=".", label=name)
     axes[1].set_xlabel("epoch")
     axes[1].set_ylabel("NDCG@10 (validation subset)")
-    axes[1].legend(fontsize=7)
+    if axes[1].lines:
+        axes[1].legend(fontsize=7)
     if tau_curve:
         t = sorted(tau_curve, key=lambda r: r["tau"])
         axes[2].plot(
