@@ -163,7 +163,8 @@ def reference_beam_search(
     items: list[list[int]] = []
     item_scores: list[list[float]] = []
     for b in range(len(prompts)):
-        row_items, row_scores = [], []
+        row_items: list[int] = []
+        row_scores: list[float] = []
         for w in range(width):
             if scores[b, w] < -1e8 or seqs.shape[-1] != vocab.levels:
                 continue  # an HF placeholder beam or a -inf beam

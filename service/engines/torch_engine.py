@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from models.beam import beam_search, make_decoder
+from models.beam import beam_search
+from models.decoders import make_decoder
 from models.trie import ItemTrie
 from models.vocab import CodeVocab
 from service.engines.base import DecodeEngine, DecodeRequest, Recommendation

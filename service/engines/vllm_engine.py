@@ -45,7 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.trie import ItemTrie, TrieTensors
+from models.trie import ItemTrie
+from models.trie_tensors import TrieTensors
 from models.vocab import CodeVocab
 from service.engines.base import DecodeEngine, DecodeRequest, Recommendation
 

@@ -15,14 +15,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from models.beam import (
-    allowed_codes,
-    beam_search,
-    make_decoder,
-    masked_log_probs,
-    select_beams,
-    shared_prefix_attention,
-)
+from models.beam import allowed_codes, beam_search, masked_log_probs, select_beams
+from models.decoders import make_decoder, shared_prefix_attention
 from models.trie import ItemTrie
 from models.vocab import CodeVocab
 from tests.lmfactory import make_tiny_llama, random_catalogue
