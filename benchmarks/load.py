@@ -1,6 +1,6 @@
 """Load generator for a running letterrec server: throughput and latency of POST /recommend.
 
-    python benchmarks/load.py --bundle bundles/yelp --url http://127.0.0.1:8000
+    python -m benchmarks.load --bundle bundles/yelp --url http://127.0.0.1:8000
 
 For each concurrency level (default 1, 8, 32, 128) it keeps that many requests in flight for
 `--duration` seconds or `--requests` requests, whichever ends first, with histories drawn from
@@ -14,25 +14,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
-import platform
 import random
-import shutil
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pyarrow.parquet as pq
 
+from benchmarks.common import RESULTS, header, md_header, md_table, write_result
+
 log = logging.getLogger("benchmarks.load")
-RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = {"concurrency": 32, "requests_per_s": 100.0, "p99_ms": 100.0, "errors": 0}
 
 
@@ -126,43 +121,6 @@ async def benchmark(
     return server, rows
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-            timeout=5,
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-    }
-    if shutil.which("nvidia-smi"):
-        try:
-            out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=True,
-            )
-            info["gpu"] = out.stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return info
-
-
 def target_met(rows: list[Row]) -> bool | None:
     for r in rows:
         if r.concurrency == TARGET["concurrency"]:
@@ -175,30 +133,21 @@ def target_met(rows: list[Row]) -> bool | None:
 
 
 def write(report: dict[str, Any], out_dir: Path, device: str) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"load-{device}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    lines = [
-        f"# Load: POST /recommend ({device})",
-        "",
-        f"- command: `{report['command']}`",
-        f"- commit: `{report['commit']}`, created {report['created_at']}",
-        f"- machine: {report['machine']}",
-        f"- server: engine {report['server'].get('engine')}, model {report['server'].get('model_version')}",
-        f"- k = {report['k']}, histories of 1..{report['history_len']} items, "
-        f"{report['duration_s']} s or {report['max_requests']} requests per level",
-        f"- target (concurrency 32: >= 100 req/s, p99 <= 100 ms, 0 errors): {report['target_met']}",
-        "",
-        "| concurrency | requests | requests/s | p50 ms | p99 ms | errors |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in report["rows"]:
-        lines.append(
-            f"| {r['concurrency']} | {r['requests']} | {r['requests_per_s']} | {r['p50_ms']} "
-            f"| {r['p99_ms']} | {r['errors']} |"
-        )
-    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    return path
+    md = md_header(f"Load: POST /recommend ({device})", report)
+    server = report["server"]
+    md += (
+        f"Server: engine {server.get('engine')}, model {server.get('model_version')}, "
+        f"{server.get('catalogue_items')} items. k = {report['k']}, histories of "
+        f"1..{report['history_len']} items, {report['duration_s']} s or "
+        f"{report['max_requests']} requests per level. Load average at start "
+        f"{report['load_average']['start']}, at end {report['load_average']['end']}.\n\n"
+        f"Target (concurrency 32: >= 100 req/s, p99 <= 100 ms, 0 errors) met: "
+        f"**{report['target_met']}**\n\n"
+    )
+    md += md_table(
+        report["rows"], ["concurrency", "requests", "requests_per_s", "p50_ms", "p99_ms", "errors"]
+    )
+    return write_result(f"load-{device}", report, md, out_dir)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -234,13 +183,12 @@ def main(argv: list[str] | None = None) -> None:
         .column("item_id")
         .to_pylist()
     ]
+    load_start = os.getloadavg()
     server, rows = asyncio.run(benchmark(args, item_ids))
     device = args.device or server.get("device") or "unknown"
     report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "commit": git_commit(),
-        "machine": machine(),
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        **header(),
+        "load_average": {"start": load_start, "end": os.getloadavg()},
         "server": {
             k: server.get(k) for k in ("engine", "device", "model_version", "catalogue_items")
         },
