@@ -26,6 +26,18 @@ class Recommendation:
     """Sum over the L tokens of the masked log-softmax."""
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+"""Weight dtypes every engine accepts (the setting `LETTERREC_DTYPE`)."""
+
+
+def check_engine_args(dtype: str, beam_width: int, max_batch: int) -> None:
+    """The constructor arguments all engines share, checked the same way."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {list(DTYPES)}")
+    if beam_width < 1 or max_batch < 1:
+        raise ValueError(f"beam_width and max_batch must be >= 1, got {beam_width}, {max_batch}")
+
+
 class DecodeEngine(ABC):
     """Batched, trie-constrained beam search over item identifiers."""
 

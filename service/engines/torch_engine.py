@@ -11,6 +11,7 @@ import gc
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -19,11 +20,16 @@ from models.beam import beam_search
 from models.decoders import make_decoder
 from models.trie import ItemTrie
 from models.vocab import CodeVocab
-from service.engines.base import DecodeEngine, DecodeRequest, Recommendation
+from service.engines.base import (
+    DecodeEngine,
+    DecodeRequest,
+    Recommendation,
+    check_engine_args,
+)
 
 log = logging.getLogger(__name__)
 
-DTYPES: dict[str, torch.dtype] = {
+TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
@@ -44,17 +50,13 @@ class TorchEngine(DecodeEngine):
         beam_width: int = 20,
         max_batch: int = 256,
     ) -> None:
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-        if beam_width < 1 or max_batch < 1:
-            raise ValueError(
-                f"beam_width and max_batch must be >= 1, got {beam_width}, {max_batch}"
-            )
+        check_engine_args(dtype, beam_width, max_batch)
         self.vocab = vocab
         self.device = torch.device(device)
         self.beam_width = beam_width
         self.max_batch = max_batch
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[dtype])
+        # Any: transformers' stubs type `.to` on the class wrapper, not the instance.
+        model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=TORCH_DTYPES[dtype])
         self.model = model.to(self.device).eval()
         cfg = self.model.config
         if cfg.vocab_size < vocab.vocab_size:

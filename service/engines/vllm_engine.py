@@ -48,13 +48,17 @@ import torch
 from models.trie import ItemTrie
 from models.trie_tensors import TrieTensors
 from models.vocab import CodeVocab
-from service.engines.base import DecodeEngine, DecodeRequest, Recommendation
+from service.engines.base import (
+    DecodeEngine,
+    DecodeRequest,
+    Recommendation,
+    check_engine_args,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_IDS_PER_REQUEST = 128
 """vLLM's cap on `SamplingParams.logprob_token_ids` (vllm.sampling_params.MAX_LOGPROB_TOKEN_IDS)."""
-DTYPES = ("float32", "bfloat16", "float16")
 """Model dtypes this engine accepts (the same names as TorchEngine)."""
 CPU_BLOCK_SIZE = 32
 """Prefix caching works on whole KV blocks; the CPU attention kernel needs a multiple of 32."""
@@ -115,12 +119,7 @@ class VllmEngine(DecodeEngine):
         max_num_seqs: beams vLLM runs in one forward; larger batches amortise per-step overhead.
         enforce_eager: skip torch.compile (faster start, slower steps); tests use it.
         """
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of {list(DTYPES)}")
-        if beam_width < 1 or max_batch < 1:
-            raise ValueError(
-                f"beam_width and max_batch must be >= 1, got {beam_width}, {max_batch}"
-            )
+        check_engine_args(dtype, beam_width, max_batch)
         self.vocab = vocab
         self.beam_width = beam_width
         self.max_batch = max_batch
