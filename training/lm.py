@@ -234,7 +234,14 @@ def train_lm(
     for epoch in bar:
         model.train()
         total_loss, n_batches = 0.0, 0
-        for idx in length_batches(lengths, cfg.batch_size, rng):
+        batches = tqdm(
+            length_batches(lengths, cfg.batch_size, rng),
+            desc=f"epoch {epoch + 1}",
+            unit="batch",
+            leave=False,
+            disable=not progress,
+        )
+        for idx in batches:
             ids, mask = collate([wins[i] for i in idx], vocab.pad_id)
             ids, mask = ids.to(device), mask.to(device)
             with autocast:
@@ -247,6 +254,8 @@ def train_lm(
             total_loss += loss.item()
             n_batches += 1
             tokens += int(mask.sum())
+            if n_batches % 20 == 0:
+                batches.set_postfix(loss=f"{total_loss / n_batches:.3f}")
         row: dict[str, float] = {"epoch": epoch + 1, "loss": total_loss / max(1, n_batches)}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             metrics, _ = evaluate_pairs(model, valid_subset, codes, vocab, trie, cfg.beam_width)
