@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from models.bundle import Bundle, BundleError
 from service.batcher import MicroBatcher, QueueFull, ShuttingDown
 from service.deps import ServiceState
+from service.docs import add_offline_docs
 from service.engines.base import DecodeEngine, DecodeRequest, Recommendation
 from service.metrics import Metrics, MetricsMiddleware
 from service.routes import ROUTERS
@@ -60,7 +61,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="LETTER generative recommendation: next items by trie-constrained beam search",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served by add_offline_docs, without a CDN
+        redoc_url=None,  # ReDoc has no offline bundle on PyPI
     )
+    add_offline_docs(app)
     app.state.metrics = metrics
     app.state.settings = settings
     for router in ROUTERS:

@@ -51,7 +51,13 @@ def test_health_ready_docs(client: httpx.Client, bundle: Bundle) -> None:
     assert body["catalogue_items"] >= len(bundle.catalogue)
     assert body["model_version"].endswith(bundle.manifest.created_at)
     assert body["engine"] == "torch" and body["device"] == "cpu"
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200
+    # Air-gapped installs: the page's scripts come from the service itself, not a CDN.
+    assert "cdn" not in docs.text and "/static/swagger-ui/swagger-ui-bundle.js" in docs.text
+    js = client.get("/static/swagger-ui/swagger-ui-bundle.js")
+    assert js.status_code == 200 and "SwaggerUIBundle" in js.text
+    assert client.get("/static/swagger-ui/swagger-ui.css").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/recommend", "/recommend/batch", "/tokenize", "/items/{item_id}"} <= set(paths)
 
