@@ -89,6 +89,10 @@ async def _start(settings: Settings, metrics: Metrics) -> ServiceState:
     except BundleError as e:
         raise RuntimeError(f"cannot serve: {e}") from e
     store = await _make_store(settings, bundle, metrics)
+    if settings.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)  # process-wide, decode threads included
     engine = await asyncio.to_thread(_make_engine, settings, bundle)
     tokenizer = await asyncio.to_thread(_load_tokenizer, settings, bundle.tokenizer_dir)
     batcher: MicroBatcher[DecodeRequest, list[Recommendation]] = MicroBatcher(

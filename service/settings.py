@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     beam_width: int = Field(default=20, ge=1, le=512)
     """Beam width of the trie-constrained beam search."""
 
+    torch_threads: int = Field(default=0, ge=0, le=1024)
+    """CPU threads torch may use for decoding (0: torch's default, one per core). On a small CPU
+    the event loop and HTTP parsing compete with decoding; fewer threads can lower tail latency."""
+
     max_batch_size: int = Field(default=64, ge=1, le=4096)
     """Most user requests decoded together in one batch."""
 

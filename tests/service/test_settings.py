@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+
 import pytest
+import torch
 from pydantic import ValidationError
 
 from service.server import build_settings
 from service.settings import Settings
+from tests.service.conftest import live_server, service_settings
 
 
 def test_every_field_is_documented() -> None:
@@ -37,6 +42,7 @@ def test_environment_is_read_with_prefix(monkeypatch: pytest.MonkeyPatch) -> Non
         ("device", "tpu"),
         ("max_wait_ms", -1),
         ("max_body_bytes", 10),
+        ("torch_threads", -1),
     ],
 )
 def test_out_of_bounds_values_are_rejected(field: str, value: object) -> None:
@@ -57,3 +63,19 @@ def test_build_settings_overrides_environment(monkeypatch: pytest.MonkeyPatch) -
 def test_auto_device_resolves_to_a_real_device() -> None:
     assert Settings(device="auto").resolved_device() in ("cpu", "cuda")
     assert Settings(device="cpu").resolved_device() == "cpu"
+
+
+def test_torch_threads_applies_to_the_decoding_threads(tiny_bundle: Path) -> None:
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    try:
+        torch.set_num_threads(2)  # so that the setting has something to change
+        with live_server(service_settings(tiny_bundle, torch_threads=1)) as server:
+            with server.client() as client:
+                assert client.post("/recommend", json={"history": [], "k": 3}).status_code == 200
+            probe = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+            probe.start()
+            probe.join()
+        assert seen == [1]  # a thread started later (as the decode executor's are) sees it too
+    finally:
+        torch.set_num_threads(before)
