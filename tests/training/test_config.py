@@ -8,10 +8,20 @@ from training.config import PROFILES, get_profile, load_config
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_experiment_files_parse_into_typed_configs():
-    cfg = load_config(ROOT / "benchmarks" / "configs" / "yelp-cpu.json")
-    assert cfg.lm.model.hidden == 128 and cfg.lm.epochs == 20
-    assert cfg.tokenizer.codebook_size == 256 and cfg.cf.negatives == 2048
+@pytest.mark.parametrize("path", sorted((ROOT / "benchmarks" / "configs").glob("*.json")))
+def test_experiment_files_parse_into_typed_configs(path: Path) -> None:
+    raw = json.loads(path.read_text())
+    cfg = load_config(path)
+
+    def check(obj: object, values: dict, where: str) -> None:
+        for key, value in values.items():
+            got = getattr(obj, key)
+            if isinstance(value, dict):
+                check(got, value, f"{where}.{key}")
+            else:
+                assert got == (tuple(value) if isinstance(got, tuple) else value), f"{where}.{key}"
+
+    check(cfg, raw, path.name)
 
 
 def test_unknown_fields_are_errors_naming_the_field(tmp_path):
