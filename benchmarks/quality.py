@@ -86,7 +86,15 @@ def finished(work: Path, name: str) -> dict[str, Any] | None:
     lm, ev = out / "stages" / "lm.json", out / "report" / "eval.json"
     if not (lm.exists() and ev.exists()):
         return None
-    return {"lm": json.loads(lm.read_text()), "eval": json.loads(ev.read_text())}
+    result = {"lm": json.loads(lm.read_text()), "eval": json.loads(ev.read_text())}
+    stage_seconds = {
+        "embed": json.loads((out / "stages" / "embeddings.json").read_text())["seconds"],
+        "cf": json.loads((out / "stages" / "sasrec.json").read_text())["seconds"],
+        "tokenizer": json.loads((out / "stages" / "tokenizer.json").read_text())["wall_seconds"],
+        "lm": result["lm"]["train_seconds"],
+        "evaluate": result["eval"]["letterrec"]["eval_seconds"],
+    }
+    return {**result, "stage_seconds": stage_seconds}
 
 
 def main() -> None:
@@ -185,6 +193,8 @@ def report(
             "valid_ndcg@10": r["lm"]["valid"].get("ndcg@10"),
             "epochs": r["lm"]["epochs"],
             "train_seconds": r["lm"]["train_seconds"],
+            # This variant alone, from item text to test metrics (shared stages counted).
+            "pipeline_minutes": sum(r["stage_seconds"].values()) / 60,
         }
         rows.append(row)
         if name.startswith("LETTER"):
@@ -206,6 +216,7 @@ def report(
         "rows": rows,
         "tau_curve": tau_curve,
         "histories": {n: r["lm"]["history"] for n, r in results.items()},
+        "stage_seconds": {n: r["stage_seconds"] for n, r in results.items()},
         "train_seconds": sum(r["lm"]["train_seconds"] for r in results.values()),
         "eval_seconds": sum(r["eval"]["letterrec"]["eval_seconds"] for r in results.values()),
         "device": args.device,
@@ -220,7 +231,15 @@ def report(
     )
     md += md_table(
         rows,
-        ["model", *METRICS, "coverage@10", "pop_percentile@10", "epochs", "train_seconds"],
+        [
+            "model",
+            *METRICS,
+            "coverage@10",
+            "pop_percentile@10",
+            "epochs",
+            "train_seconds",
+            "pipeline_minutes",
+        ],
     )
     if payload["paper"]:
         md += "\nThe paper's numbers on the same data (LETTER Table 1):\n\n" + md_table(
