@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import header, md_header, md_table, write_result
+from benchmarks.common import RESULTS, header, md_header, md_table, write_result
 from training import pipeline
 from training.config import PipelineConfig, get_profile, load_config
 from training.evaluate import evaluate_popularity
@@ -120,6 +120,7 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     ap.add_argument("--name", default=None)
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where the report goes")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -250,7 +251,7 @@ def report(
         md += "\n## tau (ranking-guided loss)\n\n" + md_table(
             tau_curve, ["tau", "valid_ndcg@10", "test_ndcg@10", "test_recall@10"]
         )
-    out = write_result(f"quality-{name}", payload, md)
+    out = write_result(f"quality-{name}", payload, md, args.results)
     plot(rows, tau_curve, payload["histories"], out.with_suffix(".png"))
     print(out)
 

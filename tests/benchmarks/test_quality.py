@@ -1,0 +1,44 @@
+"""The quality report: rows, the tau chosen on validation (never on test), files and plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from benchmarks.quality import report
+from training.config import get_profile
+
+METRICS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
+
+
+def _variant(valid_ndcg: float, test_ndcg: float) -> dict:
+    test = dict.fromkeys(METRICS, test_ndcg) | {"eval_seconds": 10.0, "coverage@10": 0.5}
+    history = [{"epoch": 1, "loss": 3.0}, {"epoch": 2, "loss": 2.5, "valid_ndcg@10": valid_ndcg}]
+    lm = {"valid": {"ndcg@10": valid_ndcg}, "epochs": 2, "train_seconds": 60.0}
+    stages = {"embed": 60.0, "cf": 120.0, "tokenizer": 300.0, "lm": 60.0, "evaluate": 60.0}
+    return {"lm": lm | {"history": history}, "eval": {"letterrec": test}, "stage_seconds": stages}
+
+
+def test_report_tunes_tau_on_validation_and_writes_files(tmp_path: Path) -> None:
+    args = argparse.Namespace(device="cpu", name="unit", results=tmp_path)
+    results = {
+        "TIGER": _variant(0.01, 0.011),
+        "LETTER tau=1": _variant(0.02, 0.030),  # best on test, not on validation
+        "LETTER tau=0.7": _variant(0.03, 0.025),
+    }
+    pop = dict.fromkeys(METRICS, 0.001)
+    sas = {"test": dict.fromkeys(METRICS, 0.02)}
+    report(args, get_profile("quick"), {"name": "Yelp"}, pop, sas, results)
+
+    payload = json.loads((tmp_path / "quality-unit.json").read_text())
+    models = [r["model"] for r in payload["rows"]]
+    assert models[:3] == ["Popularity", "SASRec", "TIGER"]
+    tuned = payload["rows"][-1]
+    assert tuned["model"] == "LETTER (tau tuned on validation: 0.7)"
+    assert tuned["ndcg@10"] == 0.025
+    assert payload["rows"][2]["pipeline_minutes"] == 10.0
+    assert payload["paper"]["LETTER-TIGER"]["recall@10"] == 0.0364
+    md = (tmp_path / "quality-unit.md").read_text()
+    assert "LETTER (tau tuned on validation: 0.7)" in md and "LETTER Table 1" in md
+    assert (tmp_path / "quality-unit.png").stat().st_size > 10_000
