@@ -52,6 +52,9 @@ class LMTrainConfig:
     """Validation users (a fixed random subset) scored by beam search for early stopping."""
     patience: int = 3
     beam_width: int = 20
+    hidden_dropout: float = 0.0
+    """Dropout on the token embeddings and on every attention and MLP block's output, in training
+    only (Llama has none; see `residual_dropout`). Sparse data such as Yelp overfits without it."""
     bf16: bool = False
     """bfloat16 autocast for the forward pass (CUDA, or CPUs with bf16 support)."""
     seed: int = 0
@@ -179,6 +182,27 @@ def evaluate_pairs(
     return summarize(ranks_from_lists(recs, [t for _, t in pairs])), recs
 
 
+DROPOUT_SITES = ("embed_tokens", "self_attn.o_proj", ".mlp")
+"""Module-name endings whose outputs `residual_dropout` drops: what enters the residual stream."""
+
+
+def residual_dropout(model: torch.nn.Module, p: float) -> list[Any]:
+    """Dropout (rate `p`) on the embeddings and on each residual branch of a Llama-family model
+    while it is in training mode, as forward hooks: the model itself stays a plain Llama that
+    transformers and vLLM load, and evaluation is unaffected. Returns the hook handles."""
+    if p <= 0:
+        return []
+
+    def drop(module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        return F.dropout(output, p, module.training)
+
+    return [
+        m.register_forward_hook(drop)
+        for name, m in model.named_modules()
+        if name.endswith(DROPOUT_SITES)
+    ]
+
+
 def _schedule(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -226,6 +250,7 @@ def train_lm(
         state = TrainState(**saved["state"])
         rng = saved["rng"]
         log.info("resumed from %s at epoch %d", checkpoint, state.epoch)
+    hooks = residual_dropout(model, cfg.hidden_dropout)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     t0, tokens = time.perf_counter(), 0
     bar = tqdm(
@@ -287,6 +312,8 @@ def train_lm(
         if state.bad >= cfg.patience:
             break
     seconds = time.perf_counter() - t0
+    for hook in hooks:
+        hook.remove()
     if state.best_state is not None:
         model.load_state_dict(state.best_state)
     model.eval()

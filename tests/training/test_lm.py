@@ -5,11 +5,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.recommender import RecommenderConfig, save_lm, token_strings
+from models.recommender import RecommenderConfig, build_model, save_lm, token_strings
 from models.trie import ItemTrie
 from models.vocab import CodeVocab
 from tests.lmfactory import random_catalogue
-from training.lm import LMTrainConfig, evaluate_pairs, ranking_guided_loss, train_lm, windows
+from training.lm import (
+    LMTrainConfig,
+    evaluate_pairs,
+    ranking_guided_loss,
+    residual_dropout,
+    train_lm,
+    windows,
+)
 from training.metrics import ranks_from_lists, recall_at
 
 N_ITEMS = 40
@@ -98,3 +105,38 @@ def test_ranking_guided_loss_is_ce_of_scaled_logits():
     assert ranking_guided_loss(wrong, target, 0.5, -100) > ranking_guided_loss(
         wrong, target, 1.0, -100
     )
+
+
+def test_residual_dropout_acts_in_training_only_and_comes_off() -> None:
+    cfg = RecommenderConfig(hidden=32, layers=2, heads=2, intermediate=64, dropout=0.0)
+    model = build_model(cfg, VOCAB, seed=0)
+    ids = torch.randint(VOCAB.code_offset, VOCAB.vocab_size, (3, 7))
+    model.eval()
+    ref = model(input_ids=ids).logits
+    hooks = residual_dropout(model, 0.5)
+    assert len(hooks) == 1 + 2 * cfg.layers  # embeddings, then attention and MLP per layer
+    assert torch.equal(model(input_ids=ids).logits, ref)  # eval: no dropout
+    model.train()
+    torch.manual_seed(1)
+    a = model(input_ids=ids).logits
+    b = model(input_ids=ids).logits
+    assert not torch.allclose(a, b) and not torch.allclose(a, ref)
+    for h in hooks:
+        h.remove()
+    assert torch.allclose(model(input_ids=ids).logits, ref, atol=1e-6)  # train mode, hooks gone
+    assert residual_dropout(model, 0.0) == []
+
+
+def test_training_with_residual_dropout_leaves_no_hooks() -> None:
+    codes = random_catalogue(N_ITEMS, VOCAB.levels, VOCAB.codebook_size, seed=3)
+    train, valid, _ = successor_data()
+    cfg = LMTrainConfig(
+        model=RecommenderConfig(hidden=16, layers=1, heads=2, intermediate=32, dropout=0.0),
+        epochs=1,
+        batch_size=64,
+        window_items=6,
+        eval_users=20,
+        hidden_dropout=0.3,
+    )
+    model = train_lm(train[:50], valid[:20], codes, VOCAB, cfg, progress=False).model
+    assert all(not m._forward_hooks for m in model.modules())
