@@ -97,6 +97,21 @@ def finished(work: Path, name: str) -> dict[str, Any] | None:
     return {**result, "stage_seconds": stage_seconds}
 
 
+def in_progress(work: Path, name: str) -> dict[str, Any] | None:
+    """Validation history of a variant whose training stopped before the end (resumable)."""
+    ckpt = variant_dir(work, name) / "stages" / "lm_checkpoint.pt"
+    if finished(work, name) is not None or not ckpt.exists():
+        return None
+    import torch
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state"]
+    return {
+        "epochs": state["epoch"],
+        "best_valid": state["best_valid"],
+        "history": state["history"],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -171,7 +186,8 @@ def main() -> None:
         )
         run_variant(ws, reuse if name.startswith("LETTER") else None)
     results = {n: r for n in grid if (r := finished(args.work, n)) is not None}
-    report(args, cfg, data, pop, sas, results)
+    partial = {n: r for n in grid if (r := in_progress(args.work, n)) is not None}
+    report(args, cfg, data, pop, sas, results, partial)
 
 
 def report(
@@ -181,7 +197,9 @@ def report(
     pop: dict[str, float],
     sas: dict[str, Any],
     results: dict[str, dict[str, Any]],
+    partial: dict[str, dict[str, Any]] | None = None,
 ) -> None:
+    partial = partial or {}
     rows: list[dict[str, Any]] = [
         {"model": "Popularity", **pop},
         {"model": "SASRec", **sas["test"]},
@@ -217,6 +235,7 @@ def report(
         "rows": rows,
         "tau_curve": tau_curve,
         "histories": {n: r["lm"]["history"] for n, r in results.items()},
+        "unfinished": partial,
         "stage_seconds": {n: r["stage_seconds"] for n, r in results.items()},
         "train_seconds": sum(r["lm"]["train_seconds"] for r in results.values()),
         "eval_seconds": sum(r["eval"]["letterrec"]["eval_seconds"] for r in results.values()),
@@ -247,12 +266,26 @@ def report(
             [{"model": k, **v} for k, v in payload["paper"].items()], ["model", *METRICS]
         )
     md += f"\nTraining {payload['train_seconds']:.0f} s, evaluation {payload['eval_seconds']:.0f} s in all, on {args.device}.\n"
+    if partial:
+        md += (
+            "\n## Unfinished variants (training stopped; `--only NAME` resumes from the "
+            "checkpoint)\n\n"
+        )
+        md += md_table(
+            [
+                {"model": n, "epochs_done": r["epochs"], **r["best_valid"]}
+                for n, r in partial.items()
+            ],
+            ["model", "epochs_done", "recall@10", "ndcg@10"],
+        ).replace("| recall@10 | ndcg@10 |", "| best valid recall@10 | best valid ndcg@10 |")
     if tau_curve:
         md += "\n## tau (ranking-guided loss)\n\n" + md_table(
             tau_curve, ["tau", "valid_ndcg@10", "test_ndcg@10", "test_recall@10"]
         )
     out = write_result(f"quality-{name}", payload, md, args.results)
-    plot(rows, tau_curve, payload["histories"], out.with_suffix(".png"))
+    curves = {**payload["histories"]}
+    curves.update({f"{n} (unfinished)": r["history"] for n, r in partial.items()})
+    plot(rows, tau_curve, curves, out.with_suffix(".png"))
     print(out)
 
 

@@ -29,7 +29,14 @@ def test_report_tunes_tau_on_validation_and_writes_files(tmp_path: Path) -> None
     }
     pop = dict.fromkeys(METRICS, 0.001)
     sas = {"test": dict.fromkeys(METRICS, 0.02)}
-    report(args, get_profile("quick"), {"name": "Yelp"}, pop, sas, results)
+    partial = {
+        "+CF": {
+            "epochs": 9,
+            "best_valid": {"recall@10": 0.0115, "ndcg@10": 0.0067},
+            "history": [{"epoch": 2, "loss": 3.0, "valid_ndcg@10": 0.0067}],
+        }
+    }
+    report(args, get_profile("quick"), {"name": "Yelp"}, pop, sas, results, partial)
 
     payload = json.loads((tmp_path / "quality-unit.json").read_text())
     models = [r["model"] for r in payload["rows"]]
@@ -41,4 +48,6 @@ def test_report_tunes_tau_on_validation_and_writes_files(tmp_path: Path) -> None
     assert payload["paper"]["LETTER-TIGER"]["recall@10"] == 0.0364
     md = (tmp_path / "quality-unit.md").read_text()
     assert "LETTER (tau tuned on validation: 0.7)" in md and "LETTER Table 1" in md
+    assert "| +CF | 9 | 0.0115 | 0.0067 |" in md and "best valid ndcg@10" in md
+    assert "+CF" not in models and payload["unfinished"]["+CF"]["epochs"] == 9
     assert (tmp_path / "quality-unit.png").stat().st_size > 10_000
