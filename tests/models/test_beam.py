@@ -227,7 +227,15 @@ def test_hf_cache_decoder_matches_generate(model64, catalogue):
     assert_same(got, hf_reference(model64, prompts, [dict_trie(catalogue)] * 12, VOCAB, 8, 5))
 
 
-def test_qwen2_uses_the_shared_prefix_path_and_matches(catalogue):
+def test_shared_prefix_decoder_matches_generate(model64, catalogue):
+    # The fused decoder's readable reference (auto picks the fused one for Llama).
+    prompts = prompts_of(histories(12, seed=8, catalogue=catalogue), catalogue)
+    trie = ItemTrie.from_codes(catalogue, VOCAB.codebook_size)
+    got = beam_search(make_decoder(model64, "shared"), prompts, trie, VOCAB, beam_width=8, k=5)
+    assert_same(got, hf_reference(model64, prompts, [dict_trie(catalogue)] * 12, VOCAB, 8, 5))
+
+
+def test_qwen2_uses_the_fused_path_and_matches(catalogue):
     cfg = Qwen2Config(
         vocab_size=VOCAB.vocab_size,
         hidden_size=32,
@@ -243,7 +251,7 @@ def test_qwen2_uses_the_shared_prefix_path_and_matches(catalogue):
     )
     torch.manual_seed(1)
     model = Qwen2ForCausalLM(cfg).to(torch.float64).eval()
-    assert type(make_decoder(model)).__name__ == "SharedPrefixDecoder"
+    assert type(make_decoder(model)).__name__ == "FusedDecoder"
     prompts = prompts_of(histories(10, seed=6, catalogue=catalogue), catalogue)
     trie = ItemTrie.from_codes(catalogue, VOCAB.codebook_size)
     got = beam_search(model, prompts, trie, VOCAB, beam_width=8, k=5)

@@ -1,0 +1,274 @@
+"""`FusedDecoder`: the shared-prefix Llama decoder (models/decoders.py) with its weights
+re-laid out once, so each layer is a few large kernels instead of dozens of small ones.
+
+Small models (TIGER-size: 128-d, 4 layers) spend most of a decoding step in elementwise ops, not
+matmuls; every rewrite below is an exact identity up to float rounding:
+
+- RMSNorm's weight is folded into the matrix that follows it (q/k/v, gate/up, lm_head), and the
+  per-row 1/rms scale is applied to the input; q, k, v and gate, up are one matmul each.
+- The attention scale 1/sqrt(d) is folded into W_q (RoPE is linear, so it commutes).
+- RoPE as one complex multiply: W_q's and W_k's rows are permuted inside every head from HF's
+  half-split layout to interleaved pairs (the same permutation on q and k leaves q.k unchanged),
+  so the rotation of q and k together is `view_as_complex(qk) * e^{i pos theta}`.
+- Residual adds ride in the matmuls (`addmm`), SiLU and the gate product run in place.
+- Prefill attention is a plain causal softmax over right-padded prompts (the causal mask alone
+  hides the padding from every real token); only the last real token goes through the last
+  layer's output half and the head.
+
+`SharedPrefixDecoder` stays the readable reference; tests/models/test_fused_decoder.py checks this
+one against it (and both against HF `generate`) on random models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from models.decoders import _right_pad, supports_shared_prefix
+
+
+def supports_fused(model: Any) -> bool:
+    """Llama-family models with SiLU MLPs and RoPE whose cos/sin halves agree."""
+    cfg = getattr(model, "config", None)
+    return (
+        supports_shared_prefix(model)
+        and getattr(cfg, "hidden_act", "silu") == "silu"
+        and not getattr(cfg, "mlp_bias", False)
+    )
+
+
+@dataclass
+class _Layer:
+    eps1: float
+    w_qkv: torch.Tensor  # [(H + 2*Hkv) * D, hidden]: norm weight folded, q scaled, q/k interleaved
+    b_qkv: torch.Tensor | None  # [(H + 2*Hkv) * D] (Qwen2), q part scaled and interleaved
+    w_o_t: torch.Tensor  # [H * D, hidden]
+    b_o: torch.Tensor | None
+    eps2: float
+    w_gu_t: torch.Tensor  # [hidden, 2 * I]: norm weight folded
+    w_down_t: torch.Tensor  # [I, hidden]
+
+
+@dataclass
+class _FusedState:
+    prefix_k: list[torch.Tensor]  # per layer [B, Hkv, P, D]
+    prefix_v: list[torch.Tensor]
+    prefix_bias: torch.Tensor | None  # [B, 1, 1, P] 0 / -inf; None when no prompt is padded
+    lengths: torch.Tensor  # [B]
+    own: torch.Tensor | None = None  # [layers, 2, B*W, Hkv, capacity, D] generated K/V
+    generated: int = 0
+
+
+def _interleave(d: int) -> torch.Tensor:
+    """Row order turning HF's half-split rotary layout [x1 | x2] into pairs (x1_j, x2_j)."""
+    half = torch.arange(d // 2)
+    return torch.stack([half, half + d // 2], dim=1).reshape(-1)
+
+
+def _rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., hidden] / rms(x), in float32 as HF's LlamaRMSNorm; one pass over x for the norm
+    (`vector_norm`) instead of square, mean and their temporaries."""
+    xf = x.float()
+    ms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1])
+    return (xf * ms.add_(eps).rsqrt_()).to(x.dtype)
+
+
+class FusedDecoder:
+    """Decoder protocol of models/decoders.py over re-laid-out Llama/Qwen2 weights."""
+
+    def __init__(self, model: Any) -> None:
+        if not supports_fused(model):
+            raise ValueError("fused decoding needs a Llama-family model with a SiLU MLP")
+        cfg = model.config
+        inner = model.model
+        attn0 = inner.layers[0].self_attn
+        self.model = model
+        self.head_dim: int = attn0.head_dim
+        self.n_heads: int = cfg.num_attention_heads
+        self.n_kv: int = cfg.num_key_value_heads
+        self.pad_id: int = cfg.pad_token_id or 0
+        self.rotary = inner.rotary_emb
+        self.embed = inner.embed_tokens.weight.detach()
+        self.dtype = self.embed.dtype
+        with torch.no_grad():
+            self.layers = [self._fold(layer, float(attn0.scaling)) for layer in inner.layers]
+            self.eps_f = float(inner.norm.variance_epsilon)
+            self.head_t = (model.lm_head.weight * inner.norm.weight[None, :]).t().contiguous()
+        self._freqs = torch.zeros(0, self.head_dim // 2, dtype=self._complex_dtype())
+
+    def _complex_dtype(self) -> torch.dtype:
+        return torch.complex128 if self.dtype == torch.float64 else torch.complex64
+
+    def _fold(self, layer: Any, scale: float) -> _Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        d, h, hkv = self.head_dim, self.n_heads, self.n_kv
+        perm = _interleave(d)
+        g1 = layer.input_layernorm.weight[None, :]
+
+        def heads(w: torch.Tensor, n: int) -> torch.Tensor:  # permute rows inside each head
+            return w.view(n, d, *w.shape[1:])[:, perm].reshape(w.shape)
+
+        wq = heads(attn.q_proj.weight, h) * scale
+        wk = heads(attn.k_proj.weight, hkv)
+        w_qkv = torch.cat([wq, wk, attn.v_proj.weight]) * g1
+        b_qkv = None
+        if attn.q_proj.bias is not None:
+            b_qkv = torch.cat(
+                [heads(attn.q_proj.bias, h) * scale, heads(attn.k_proj.bias, hkv), attn.v_proj.bias]
+            )
+        g2 = layer.post_attention_layernorm.weight[None, :]
+        w_gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) * g2
+        return _Layer(
+            eps1=float(layer.input_layernorm.variance_epsilon),
+            w_qkv=w_qkv.contiguous(),
+            b_qkv=b_qkv,
+            w_o_t=attn.o_proj.weight.t().contiguous(),
+            b_o=None if attn.o_proj.bias is None else attn.o_proj.bias.detach(),
+            eps2=float(layer.post_attention_layernorm.variance_epsilon),
+            w_gu_t=w_gu.t().contiguous(),
+            w_down_t=mlp.down_proj.weight.t().contiguous(),
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    # ---- pieces ------------------------------------------------------------------------------
+    def freqs(self, pos: torch.Tensor) -> torch.Tensor:
+        """e^{i pos theta} [..., D/2] from the model's own rotary embedding (cached table)."""
+        need = int(pos.max()) + 1 if pos.numel() else 0
+        if need > self._freqs.shape[0]:
+            n = max(need, 2 * self._freqs.shape[0], 128)
+            positions = torch.arange(n, device=self.device)[None, :]
+            probe = torch.zeros(1, dtype=torch.float32, device=self.device)
+            cos, sin = self.rotary(probe, positions)  # [1, n, D]
+            half = self.head_dim // 2
+            cos, sin = cos[0].double(), sin[0].double()
+            if not (
+                torch.equal(cos[:, :half], cos[:, half:])
+                and torch.equal(sin[:, :half], sin[:, half:])
+            ):
+                raise ValueError("fused decoding needs rotary cos/sin with equal halves")
+            self._freqs = torch.complex(cos[:, :half], sin[:, :half]).to(self._complex_dtype())
+        return self._freqs[pos]
+
+    def _rope_(self, qk: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """Rotate interleaved pairs: qk [..., heads, D], f [..., 1, D/2] complex -> new tensor."""
+        if qk.dtype in (torch.float32, torch.float64):
+            z = torch.view_as_complex(qk.unflatten(-1, (-1, 2)))
+            return torch.view_as_real(z * f).flatten(-2)
+        x = qk.unflatten(-1, (-1, 2)).float()
+        c, s = f.real.float(), f.imag.float()
+        a, b = x[..., 0], x[..., 1]
+        return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).to(qk.dtype)
+
+    def _qkv(self, ly: _Layer, h: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """h [..., hidden] -> q [..., H, D], k and v [..., Hkv, D] (RoPE applied to q and k)."""
+        x = _rms_scale(h, ly.eps1)
+        qkv = x @ ly.w_qkv.t() if ly.b_qkv is None else F.linear(x, ly.w_qkv, ly.b_qkv)
+        qkv = qkv.unflatten(-1, (-1, self.head_dim))  # [..., H + 2Hkv, D]
+        qk = self._rope_(qkv[..., : self.n_heads + self.n_kv, :], f)
+        return qk[..., : self.n_heads, :], qk[..., self.n_heads :, :], qkv[..., -self.n_kv :, :]
+
+    def _out_mlp(self, ly: _Layer, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Residual attention output and MLP: h, o [N, hidden] -> [N, hidden]."""
+        h = torch.addmm(h, o, ly.w_o_t) if ly.b_o is None else h + F.linear(o, ly.w_o_t.t(), ly.b_o)
+        gu = _rms_scale(h, ly.eps2) @ ly.w_gu_t  # [N, 2I]
+        i = gu.shape[-1] // 2
+        act = F.silu(gu[:, :i], inplace=True).mul_(gu[:, i:])
+        return torch.addmm(h, act, ly.w_down_t)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return _rms_scale(h, self.eps_f) @ self.head_t  # [N, V]
+
+    # ---- the protocol ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, _FusedState]:
+        ids, lengths = _right_pad(prompts, self.pad_id, self.device)  # [B, P], [B]
+        b, p = ids.shape
+        d, g = self.head_dim, self.n_heads // self.n_kv
+        h = self.embed[ids].reshape(b * p, -1)  # [B*P, hidden]
+        f = self.freqs(torch.arange(p, device=ids.device))[None, :, None, :]  # [1, P, 1, D/2]
+        last = lengths - 1
+        rows = torch.arange(b, device=ids.device)
+        state = _FusedState([], [], None, lengths)
+        for i, ly in enumerate(self.layers):
+            q, k, v = self._qkv(ly, h.view(b, p, -1), f)  # [B, P, H|Hkv, D]
+            k, v = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [B, Hkv, P, D]
+            state.prefix_k.append(k)
+            state.prefix_v.append(v)
+            if i == len(self.layers) - 1:
+                # Only the last real token's output is needed after the last layer's K/V.
+                q = q[rows, last].view(b, self.n_kv, g, d)  # [B, Hkv, G, D]
+                s = q @ k.transpose(-1, -2)  # [B, Hkv, G, P]
+                s = s.masked_fill(
+                    (torch.arange(p, device=ids.device) > last[:, None])[:, None, None],
+                    float("-inf"),
+                )
+                o = torch.softmax(s, dim=-1) @ v  # [B, Hkv, G, D]
+                h = h.view(b, p, -1)[rows, last]  # [B, hidden]
+                h = self._out_mlp(ly, h, o.reshape(b, -1))
+            else:
+                # W_q carries the 1/sqrt(d) scale already.
+                o = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k, v, is_causal=True, scale=1.0, enable_gqa=g > 1
+                )  # [B, H, P, D]
+                h = self._out_mlp(ly, h, o.transpose(1, 2).reshape(b * p, -1))
+        if bool((lengths < p).any()):
+            pad = torch.arange(p, device=ids.device)[None, :] >= lengths[:, None]  # [B, P]
+            zero = torch.zeros(b, p, dtype=self.dtype, device=ids.device)
+            state.prefix_bias = zero.masked_fill(pad, float("-inf"))[:, None, None, :]
+        return self._logits(h), state  # [B, V]
+
+    @torch.inference_mode()
+    def step(self, state: _FusedState, parents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        b, w = tokens.shape
+        t, d, hkv = state.generated, self.head_dim, self.n_kv
+        g = self.n_heads // hkv
+        own = self._own_cache(state, parents, w)  # [layers, 2, B*W, Hkv, C, D]
+        h = self.embed[tokens.reshape(-1)]  # [B*W, hidden]
+        f = self.freqs(state.lengths + t)[:, None, None, :]  # [B, 1, 1, D/2]
+        for i, ly in enumerate(self.layers):
+            q, k, v = self._qkv(ly, h.view(b, w, -1), f)  # [B, W, H|Hkv, D]
+            own[i, 0, :, :, t] = k.reshape(b * w, hkv, d)
+            own[i, 1, :, :, t] = v.reshape(b * w, hkv, d)
+            ok = own[i, 0, :, :, : t + 1].view(b, w, hkv, t + 1, d)
+            ov = own[i, 1, :, :, : t + 1].view(b, w, hkv, t + 1, d)
+            qg = q.view(b, w, hkv, g, d)
+            # Scores over the user's shared prefix and over the beam's own few tokens.
+            qp = qg.permute(0, 2, 3, 1, 4).reshape(b, hkv, g * w, d)  # [B, Hkv, G*W, D]
+            s_pre = qp @ state.prefix_k[i].transpose(-1, -2)  # [B, Hkv, G*W, P]
+            if state.prefix_bias is not None:
+                s_pre = s_pre + state.prefix_bias
+            # T <= L own keys per beam: broadcast products beat thousands of tiny matmuls.
+            s_own = (qg.unsqueeze(4) * ok.unsqueeze(3)).sum(-1)  # [B, W, Hkv, G, T]
+            s_own = s_own.permute(0, 2, 3, 1, 4).reshape(b, hkv, g * w, t + 1)
+            p_all = torch.softmax(torch.cat([s_pre, s_own], dim=-1), dim=-1)
+            n_pre = s_pre.shape[-1]
+            o = (p_all[..., :n_pre] @ state.prefix_v[i]).view(b, hkv, g, w, d)
+            p_own = p_all[..., n_pre:].reshape(b, hkv, g, w, t + 1).permute(0, 3, 1, 2, 4)
+            o_own = (p_own.unsqueeze(-1) * ov.unsqueeze(3)).sum(-2)  # [B, W, Hkv, G, D]
+            o = o + o_own.permute(0, 2, 3, 1, 4)
+            h = self._out_mlp(ly, h, o.permute(0, 3, 1, 2, 4).reshape(b * w, -1))
+        state.generated += 1
+        return self._logits(h).view(b, w, -1)  # [B, W, V]
+
+    def _own_cache(self, state: _FusedState, parents: torch.Tensor, w: int) -> torch.Tensor:
+        """Generated-token K/V reordered by `parents` [B, W], with room for one more token."""
+        t, own = state.generated, state.own
+        b = parents.shape[0]
+        if own is None or own.shape[4] <= t:
+            grown = self.embed.new_empty(
+                len(self.layers), 2, b * w, self.n_kv, max(4, 2 * t), self.head_dim
+            )
+            if own is not None:
+                grown[..., :t, :] = own[..., :t, :]
+            own = state.own = grown
+        if t:
+            flat = (torch.arange(b, device=parents.device)[:, None] * w + parents).reshape(-1)
+            own[..., :t, :] = own[..., :t, :].index_select(2, flat)
+        return own
