@@ -168,37 +168,70 @@ def time_engine(
     }, outputs
 
 
+PAIRED = {
+    # name -> (engine, dtype, decoder)
+    "reference": ("reference", "float32", ""),
+    "torch float32, shared-prefix decoder": ("torch", "float32", "shared"),
+    "torch float32": ("torch", "float32", "auto"),
+    "torch bfloat16": ("torch", "bfloat16", "auto"),
+}
+
+
 def paired_speedup(
-    grid: Grid, args, rounds: int = 3, batch: int = 32, n_items: int = 20_000
+    grid: Grid, args, rounds: int = 5, batch: int = 32, n_items: int = 20_000
 ) -> dict[str, Any]:
-    """Reference and torch float32 batches interleaved, so both see the same background load."""
+    """The reference and the torch engine's variants interleaved batch by batch (each round: one
+    reference batch, then two batches of each variant on the same users), so all see the same
+    background load; medians per variant, speed-ups as ratios of medians."""
     codes = random_catalogue(n_items, grid.vocab.levels, grid.vocab.codebook_size, n_items)
     trie = ItemTrie.from_codes(codes, grid.vocab.codebook_size)
     requests = make_requests(codes, batch * rounds, seed=11, vocab=grid.vocab)
-    ref = build_engine("reference", grid, "float32", args)
-    fast = build_engine("torch", grid, "float32", args)
-    fast.recommend(requests[:batch], trie)
-    ref_s, fast_s, same = [], [], True
+    engines = {
+        name: build_engine(engine, grid, dtype, args, decoder)
+        for name, (engine, dtype, decoder) in PAIRED.items()
+        if dtype in args.dtypes
+    }
+    for name, engine in engines.items():
+        if name != "reference":
+            engine.recommend(requests[:batch], trie)
+    seconds: dict[str, list[float]] = {name: [] for name in engines}
+    same = {name: True for name in engines if name != "reference"}
     for r in tqdm(range(rounds), desc="paired reference/torch"):
         chunk = requests[r * batch : (r + 1) * batch]
-        t0 = time.perf_counter()
-        want = ref.recommend(chunk, trie)
-        ref_s.append(time.perf_counter() - t0)
-        for _ in range(3):
-            t0 = time.perf_counter()
-            got = fast.recommend(chunk, trie)
-            fast_s.append(time.perf_counter() - t0)
-        same = same and same_outputs(got, want)
-    fast.close()
+        want: list[list[Any]] = []
+        for name, engine in engines.items():
+            for _ in range(1 if name == "reference" else 2):
+                t0 = time.perf_counter()
+                got = engine.recommend(chunk, trie)
+                seconds[name].append(time.perf_counter() - t0)
+            if name == "reference":
+                want = got
+            else:
+                same[name] = same[name] and same_outputs(got, want)
+    for engine in engines.values():
+        engine.close()
+    ref = float(np.median(seconds["reference"]))
+    variants = [
+        {
+            "variant": name,
+            "users_per_s": round(batch / float(np.median(s)), 2),
+            "speedup": round(ref / float(np.median(s)), 1),
+            "identical_to_reference": same.get(name),
+        }
+        for name, s in seconds.items()
+    ]
+    fast = next(v for v in variants if v["variant"] == "torch float32")
     return {
         "model": grid.model_name,
         "items": n_items,
         "batch": batch,
         "rounds": rounds,
-        "reference_users_per_s": round(batch / float(np.median(ref_s)), 2),
-        "torch_users_per_s": round(batch / float(np.median(fast_s)), 2),
-        "speedup": round(float(np.median(ref_s) / np.median(fast_s)), 1),
-        "identical_to_reference": same,
+        "threads": torch.get_num_threads(),
+        "variants": variants,
+        "reference_users_per_s": variants[0]["users_per_s"],
+        "torch_users_per_s": fast["users_per_s"],
+        "speedup": fast["speedup"],
+        "identical_to_reference": fast["identical_to_reference"],
     }
 
 
@@ -231,11 +264,12 @@ def trie_stats(codes: np.ndarray, n_adds: int = 1000) -> tuple[ItemTrie, dict[st
     }
 
 
-def build_engine(name: str, grid: Grid, dtype: str, args) -> DecodeEngine:
+def build_engine(name: str, grid: Grid, dtype: str, args, decoder: str = "") -> DecodeEngine:
     if name == "reference":
         return ReferenceEngine(grid.model_dir, grid.vocab, dtype, args.beam)
     cls = load_engine_class(name)
     max_batch = max(max(b) for b in grid.batches.values())
+    extra = {"decoder": decoder} if decoder else {}
     return cls(
         grid.model_dir,
         grid.vocab,
@@ -243,6 +277,7 @@ def build_engine(name: str, grid: Grid, dtype: str, args) -> DecodeEngine:
         dtype=dtype,
         beam_width=args.beam,
         max_batch=max_batch,
+        **extra,
     )
 
 
@@ -390,6 +425,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-batches", type=int, default=2000)
     p.add_argument("--llm", action="store_true", help="also a random ~0.5B Llama (LC-Rec case)")
     p.add_argument("--llm-batches", type=ints, default=[1, 4])
+    p.add_argument("--paired-rounds", type=int, default=5)
+    p.add_argument(
+        "--paired-only",
+        action="store_true",
+        help="only the paired reference/torch measurement (20k items, batch 32) and the trie",
+    )
     p.add_argument("--out", default="", help="result name (default decode-<device>)")
     return p.parse_args(argv)
 
@@ -420,10 +461,19 @@ def main(argv: list[str] | None = None) -> None:
             {"reference": args.ref_n_batches, "torch": args.n_batches, "vllm": args.vllm_n_batches},
             args.dtypes,
         )
-        run_grid(args, small, rss, out)
+        if args.paired_only:
+            out["tries"].append(
+                {
+                    "model": small.model_name,
+                    **trie_stats(random_catalogue(20_000, 4, 256, 20_000))[1],
+                }
+            )
+            args.memory_batches, args.llm = 0, False
+        else:
+            run_grid(args, small, rss, out)
         paired = None
         if {"reference", "torch"} <= set(args.engines) and "float32" in args.dtypes:
-            paired = paired_speedup(small, args)
+            paired = paired_speedup(small, args, rounds=args.paired_rounds)
             out["identical"].append(paired["identical_to_reference"])
             log.info("paired %s", paired)
         if args.memory_batches and "torch" in args.engines:
@@ -551,13 +601,16 @@ def markdown(head: dict[str, Any], payload: dict[str, Any], args) -> str:
     if payload.get("paired"):
         pr = payload["paired"]
         text += (
-            f"\n## Paired measurement\n\nReference and torch float32 batches interleaved "
-            f"({pr['rounds']} rounds of one reference batch then three torch batches on the same "
-            f"{pr['batch']} users, {pr['items']} items), so both see the same background load: "
-            f"reference {pr['reference_users_per_s']} users/s, torch {pr['torch_users_per_s']} "
-            f"users/s, **speed-up {pr['speedup']}x**, identical outputs: "
-            f"{pr['identical_to_reference']}.\n"
+            f"\n## Paired measurement\n\n{pr['rounds']} rounds on the same {pr['batch']} users "
+            f"({pr['items']} items, {pr.get('threads', '?')} torch threads): each round one "
+            f"reference batch, then two batches of every torch variant, interleaved so all see "
+            f"the same background load. Medians; **torch float32: {pr['speedup']}x the "
+            f"reference**, identical outputs: {pr['identical_to_reference']}.\n\n"
         )
+        if "variants" in pr:
+            text += md_table(
+                pr["variants"], ["variant", "users_per_s", "speedup", "identical_to_reference"]
+            )
     text += "\n## Trie\n\n" + md_table(
         payload["tries"],
         [

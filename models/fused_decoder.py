@@ -59,7 +59,7 @@ class _FusedState:
     prefix_v: list[torch.Tensor]
     prefix_bias: torch.Tensor | None  # [B, 1, 1, P] 0 / -inf; None when no prompt is padded
     lengths: torch.Tensor  # [B]
-    own: torch.Tensor | None = None  # [layers, 2, B*W, Hkv, capacity, D] generated K/V
+    own: torch.Tensor | None = None  # [layers, 2, capacity, B*W, Hkv, D] generated K/V
     generated: int = 0
 
 
@@ -229,15 +229,15 @@ class FusedDecoder:
         b, w = tokens.shape
         t, d, hkv = state.generated, self.head_dim, self.n_kv
         g = self.n_heads // hkv
-        own = self._own_cache(state, parents, w)  # [layers, 2, B*W, Hkv, C, D]
+        own = self._own_cache(state, parents, w)  # [layers, 2, C, B*W, Hkv, D]
         h = self.embed[tokens.reshape(-1)]  # [B*W, hidden]
         f = self.freqs(state.lengths + t)[:, None, None, :]  # [B, 1, 1, D/2]
         for i, ly in enumerate(self.layers):
             q, k, v = self._qkv(ly, h.view(b, w, -1), f)  # [B, W, H|Hkv, D]
-            own[i, 0, :, :, t] = k.reshape(b * w, hkv, d)
-            own[i, 1, :, :, t] = v.reshape(b * w, hkv, d)
-            ok = own[i, 0, :, :, : t + 1].view(b, w, hkv, t + 1, d)
-            ov = own[i, 1, :, :, : t + 1].view(b, w, hkv, t + 1, d)
+            own[i, 0, t] = k.reshape(b * w, hkv, d)
+            own[i, 1, t] = v.reshape(b * w, hkv, d)
+            ok = own[i, 0, : t + 1].view(t + 1, b, w, hkv, 1, d)
+            ov = own[i, 1, : t + 1].view(t + 1, b, w, hkv, 1, d)
             qg = q.view(b, w, hkv, g, d)
             # Scores over the user's shared prefix and over the beam's own few tokens.
             qp = qg.permute(0, 2, 3, 1, 4).reshape(b, hkv, g * w, d)  # [B, Hkv, G*W, D]
@@ -245,30 +245,31 @@ class FusedDecoder:
             if state.prefix_bias is not None:
                 s_pre = s_pre + state.prefix_bias
             # T <= L own keys per beam: broadcast products beat thousands of tiny matmuls.
-            s_own = (qg.unsqueeze(4) * ok.unsqueeze(3)).sum(-1)  # [B, W, Hkv, G, T]
-            s_own = s_own.permute(0, 2, 3, 1, 4).reshape(b, hkv, g * w, t + 1)
+            s_own = (qg * ok).sum(-1)  # [T, B, W, Hkv, G]
+            s_own = s_own.permute(1, 3, 4, 2, 0).reshape(b, hkv, g * w, t + 1)
             p_all = torch.softmax(torch.cat([s_pre, s_own], dim=-1), dim=-1)
             n_pre = s_pre.shape[-1]
             o = (p_all[..., :n_pre] @ state.prefix_v[i]).view(b, hkv, g, w, d)
-            p_own = p_all[..., n_pre:].reshape(b, hkv, g, w, t + 1).permute(0, 3, 1, 2, 4)
-            o_own = (p_own.unsqueeze(-1) * ov.unsqueeze(3)).sum(-2)  # [B, W, Hkv, G, D]
+            p_own = p_all[..., n_pre:].reshape(b, hkv, g, w, t + 1).permute(4, 0, 3, 1, 2)
+            o_own = (p_own.unsqueeze(-1) * ov).sum(0)  # [B, W, Hkv, G, D]
             o = o + o_own.permute(0, 2, 3, 1, 4)
             h = self._out_mlp(ly, h, o.permute(0, 3, 1, 2, 4).reshape(b * w, -1))
         state.generated += 1
         return self._logits(h).view(b, w, -1)  # [B, W, V]
 
     def _own_cache(self, state: _FusedState, parents: torch.Tensor, w: int) -> torch.Tensor:
-        """Generated-token K/V reordered by `parents` [B, W], with room for one more token."""
+        """Generated-token K/V reordered by `parents` [B, W], with room for one more token.
+        Token-major ([layers, 2, T, B*W, Hkv, D]): writing a step's K/V is one contiguous block."""
         t, own = state.generated, state.own
         b = parents.shape[0]
-        if own is None or own.shape[4] <= t:
+        if own is None or own.shape[2] <= t:
             grown = self.embed.new_empty(
-                len(self.layers), 2, b * w, self.n_kv, max(4, 2 * t), self.head_dim
+                len(self.layers), 2, max(4, 2 * t), b * w, self.n_kv, self.head_dim
             )
             if own is not None:
-                grown[..., :t, :] = own[..., :t, :]
+                grown[:, :, :t] = own[:, :, :t]
             own = state.own = grown
         if t:
             flat = (torch.arange(b, device=parents.device)[:, None] * w + parents).reshape(-1)
-            own[..., :t, :] = own[..., :t, :].index_select(2, flat)
+            own[:, :, :t] = own[:, :, :t].index_select(3, flat)
         return own

@@ -49,7 +49,10 @@ class TorchEngine(DecodeEngine):
         dtype: str = "float32",
         beam_width: int = 20,
         max_batch: int = 256,
+        decoder: str = "auto",
     ) -> None:
+        """`decoder`: how the model runs inside the search (models.decoders.make_decoder):
+        auto (the fastest that supports the model), fused, shared or hf."""
         check_engine_args(dtype, beam_width, max_batch)
         self.vocab = vocab
         self.device = torch.device(device)
@@ -65,7 +68,7 @@ class TorchEngine(DecodeEngine):
                 f"needs {vocab.vocab_size} (levels={vocab.levels}, N={vocab.codebook_size})"
             )
         self.max_prompt = getattr(cfg, "max_position_embeddings", 1 << 30) - vocab.levels
-        self.decoder = make_decoder(self.model)
+        self.decoder = make_decoder(self.model, decoder)
         log.info(
             "torch engine: %s on %s (%s), decoder %s, beam %d",
             cfg.model_type,
