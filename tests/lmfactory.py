@@ -11,7 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from models.vocab import CodeVocab
 
@@ -66,6 +72,33 @@ def make_tiny_llama(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+def tiny_qwen2(vocab: CodeVocab, seed: int = 1, bias_std: float = 0.0) -> Qwen2ForCausalLM:
+    """A random float64 Qwen2 (GQA, q/k/v biases) for `vocab`; `bias_std` > 0 draws the biases
+    (they start at zero) so that code paths which mishandle them are caught."""
+    cfg = Qwen2Config(
+        vocab_size=vocab.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1 + (vocab.history_items + 1) * vocab.levels + 8,
+        initializer_range=0.2,
+        pad_token_id=vocab.pad_id,
+        bos_token_id=vocab.bos_id,
+        eos_token_id=vocab.eos_id,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg)
+    if bias_std > 0:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                attn = layer.self_attn
+                for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                    proj.bias.normal_(0, bias_std)
+    return model.to(torch.float64).eval()
 
 
 def random_catalogue(n_items: int, levels: int, codebook_size: int, seed: int) -> np.ndarray:

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM
 
 from models.beam import allowed_codes, beam_search, masked_log_probs, select_beams
 from models.decoders import make_decoder, shared_prefix_attention
 from models.trie import ItemTrie
 from models.vocab import CodeVocab
-from tests.lmfactory import make_tiny_llama, random_catalogue
+from tests.lmfactory import make_tiny_llama, random_catalogue, tiny_qwen2
 
 VOCAB = CodeVocab(levels=3, codebook_size=32, history_items=20)
 N_ITEMS = 1500
@@ -236,21 +236,7 @@ def test_shared_prefix_decoder_matches_generate(model64, catalogue):
 
 
 def test_qwen2_uses_the_fused_path_and_matches(catalogue):
-    cfg = Qwen2Config(
-        vocab_size=VOCAB.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=80,
-        initializer_range=0.2,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(1)
-    model = Qwen2ForCausalLM(cfg).to(torch.float64).eval()
+    model = tiny_qwen2(VOCAB, seed=1)
     assert type(make_decoder(model)).__name__ == "FusedDecoder"
     prompts = prompts_of(histories(10, seed=6, catalogue=catalogue), catalogue)
     trie = ItemTrie.from_codes(catalogue, VOCAB.codebook_size)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaForCausalLM
 
 from models.beam import beam_search
 from models.decoders import SharedPrefixDecoder, make_decoder
 from models.fused_decoder import FusedDecoder, _interleave, supports_fused
 from models.trie import ItemTrie
 from models.vocab import CodeVocab
-from tests.lmfactory import random_catalogue, tiny_llama_config
+from tests.lmfactory import random_catalogue, tiny_llama_config, tiny_qwen2
 
 VOCAB = CodeVocab(levels=3, codebook_size=32, history_items=20)
 TOL = dict(atol=2e-5, rtol=1e-5)
@@ -38,27 +38,8 @@ def llama(kv_heads: int = 2, seed: int = 0, dtype=torch.float64) -> LlamaForCaus
     return _randomise_norms(LlamaForCausalLM(cfg), seed).to(dtype).eval()
 
 
-def qwen2(seed: int = 1) -> Qwen2ForCausalLM:
-    cfg = Qwen2Config(
-        vocab_size=VOCAB.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=96,
-        initializer_range=0.2,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    model = _randomise_norms(Qwen2ForCausalLM(cfg), seed)
-    with torch.no_grad():  # q/k/v biases start at 0: make them matter
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0, 0.5)
-    return model.to(torch.float64).eval()
+def qwen2(seed: int = 1) -> torch.nn.Module:
+    return _randomise_norms(tiny_qwen2(VOCAB, seed, bias_std=0.5), seed)
 
 
 def prompts(n: int, seed: int, catalogue: np.ndarray) -> list[list[int]]:
