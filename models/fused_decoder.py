@@ -78,7 +78,9 @@ def _rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class FusedDecoder:
-    """Decoder protocol of models/decoders.py over re-laid-out Llama/Qwen2 weights."""
+    """Decoder protocol of models/decoders.py over re-laid-out Llama/Qwen2 weights. It keeps no
+    reference to the model beyond its embedding table and rotary module, so a caller may drop
+    the model once this is built (the torch engine does: an LLM's weights are not held twice)."""
 
     def __init__(self, model: Any) -> None:
         if not supports_fused(model):
@@ -86,7 +88,6 @@ class FusedDecoder:
         cfg = model.config
         inner = model.model
         attn0 = inner.layers[0].self_attn
-        self.model = model
         self.head_dim: int = attn0.head_dim
         self.n_heads: int = cfg.num_attention_heads
         self.n_kv: int = cfg.num_key_value_heads

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from models.beam import beam_search
 from models.decoders import make_decoder
+from models.fused_decoder import FusedDecoder
 from models.trie import ItemTrie
 from models.vocab import CodeVocab
 from service.engines.base import (
@@ -69,6 +70,9 @@ class TorchEngine(DecodeEngine):
             )
         self.max_prompt = getattr(cfg, "max_position_embeddings", 1 << 30) - vocab.levels
         self.decoder = make_decoder(self.model, decoder)
+        if isinstance(self.decoder, FusedDecoder):
+            self.model = None  # the decoder holds its own (re-laid-out) copy of the weights
+            gc.collect()
         log.info(
             "torch engine: %s on %s (%s), decoder %s, beam %d",
             cfg.model_type,

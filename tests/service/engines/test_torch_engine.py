@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from transformers import AutoModelForCausalLM
 
 from models.beam import beam_search
+from models.decoders import make_decoder
 from models.trie import ItemTrie
 from models.vocab import CodeVocab
 from service.engines import ENGINES, load_engine_class
@@ -57,13 +59,15 @@ def test_registry_is_an_explicit_dict_and_loads_lazily():
         load_engine_class("tensorrt")
 
 
-def test_recommend_equals_beam_search_across_batches(engine, catalogue):
+def test_recommend_equals_beam_search_across_batches(engine, model_dir, catalogue):
     trie = ItemTrie.from_codes(catalogue, VOCAB.codebook_size)
     reqs = requests_for(catalogue, 11)  # three batches of at most 4
     got = engine.recommend(reqs, trie)
     assert len(got) == len(reqs)
+    # One batch through the readable shared-prefix decoder on a freshly loaded model.
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     whole = beam_search(
-        engine.model,
+        make_decoder(model, "shared"),
         [r.prompt for r in reqs],
         trie,
         VOCAB,
