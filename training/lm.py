@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from models.beam import beam_search
+from models.decoders import make_decoder
 from models.recommender import RecommenderConfig, build_model
 from models.trie import ItemTrie
 from models.vocab import CodeVocab
@@ -156,13 +157,14 @@ def recommend(
 ) -> list[list[int]]:
     """Top-k item rows per history by trie-constrained beam search."""
     model.eval()
+    decoder = make_decoder(model)  # once: the fused decoder re-lays out the weights
     out: list[list[int]] = []
     starts = range(0, len(histories), batch_size)
     for s in tqdm(starts, desc="beam search", unit="batch", disable=not progress):
         prompts = [
             vocab.prompt(codes[h]) if h else [vocab.bos_id] for h in histories[s : s + batch_size]
         ]
-        res = beam_search(model, prompts, trie, vocab, beam_width=beam_width, k=k)
+        res = beam_search(decoder, prompts, trie, vocab, beam_width=beam_width, k=k)
         out.extend([[i for i in row if i >= 0] for row in res.items.tolist()])
     return out
 
