@@ -4,8 +4,9 @@ Scoring is the reference's (HF `generate` with `prefix_allowed_tokens_fn`, `leng
 at each of the L steps, log-softmax over the whole vocabulary in float32, disallowed codes set to
 -inf (no renormalisation), cumulative sum, top-W over all W x N continuations of a user.
 
-The language model is run by a `Decoder` (models/decoders.py): the shared-prefix decoder keeps
-one history KV cache per user for all its beams.
+The language model is run by a `Decoder` (models/decoders.py): the shared-prefix decoders keep
+one history KV cache per user for all its beams; `FusedDecoder` (models/fused_decoder.py, the
+default for Llama/Qwen2) does so over weights re-laid out for fewer, larger kernels.
 
 Per-request exclusions are exact: a code is allowed iff the active items under the extended prefix
 outnumber the excluded active items under it, so a prefix whose items are all excluded is masked

@@ -6,7 +6,9 @@ prefix once per user and keeps ONE prefix KV cache per user; each decoding step 
 beams' new tokens, and every beam attends to its user's shared prefix keys plus its own few
 generated keys (`shared_prefix_attention`). Nothing of the prefix is copied per beam. Model
 families without that path use `HFCacheDecoder` (HF cache repeated per beam, as `generate` does:
-correct for any causal LM, slower).
+correct for any causal LM, slower). `FusedDecoder` (models/fused_decoder.py) is the shared-prefix
+decoder with its weights folded and fused for speed; `SharedPrefixDecoder` stays its readable
+reference.
 """
 
 from __future__ import annotations
