@@ -24,11 +24,12 @@ pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 python -c "import recbole" 2>/dev/null || pip_q --no-deps recbole==1.2.1
 python -c "import torch, transformers, models, training, service, letterrec" >/dev/null
 
-# System tools the tests use: redis-server (tests start their own on a free port) and
-# Debian's prometheus (promtool checks, and a real Prometheus scraping a real service).
+# System tools the tests use: redis-server (tests start their own on a free port), Debian's
+# prometheus (promtool checks, and a real Prometheus scraping a real service) and wrk.
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 { command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; } || need+=(prometheus)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)  # the load benchmark's C client
 if [ ${#need[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}") >/dev/null
