@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -91,7 +89,6 @@ async def _start(settings: Settings, metrics: Metrics) -> ServiceState:
     except BundleError as e:
         raise RuntimeError(f"cannot serve: {e}") from e
     store = await _make_store(settings, bundle, metrics)
-    sys.setswitchinterval(float(os.environ.get("SWI", "0.005")))
     if settings.torch_threads > 0:
         import torch
 
