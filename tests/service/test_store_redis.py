@@ -141,7 +141,8 @@ async def test_redis_down_commit_fails_and_recovery_reseeds(redis_server: RedisS
         log = redis_server.client().lrange(a.k_log, 0, -1)
         assert [Entry.from_json(r).item_id for r in log] == ["kept"]  # re-seeded exactly once
         assert await commit(b, [entry("after", c2)]) == ["created"]
-        await eventually(lambda: a.live.row_of("after") is not None)
+        # The row appears while the version is still being set (apply_local awaits a thread).
+        await eventually(lambda: a.live.row_of("after") is not None and a.version == 2)
         assert a.version == b.version == 2
     finally:
         await a.close()
