@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -36,7 +37,75 @@ def test_load_generator_measures_a_live_server(tiny_bundle: Path, tmp_path: Path
     assert report["commit"] and report["machine"]["cpus"]
     assert report["target_met"] is None  # no concurrency-32 level was run
     md = (tmp_path / "load-test.md").read_text()
-    assert "| 3 | 6 |" in md and report["command"] in md
+    assert "| closed | 3 |  | 6 |" in md and report["command"] in md
+    assert not (tmp_path / "load-test.png").exists()  # the plot is of open-loop levels
+
+
+def test_open_loop_levels_against_a_live_server(tiny_bundle: Path, tmp_path: Path) -> None:
+    with live_server(service_settings(tiny_bundle)) as server:
+        load.main(
+            [
+                "--bundle", str(tiny_bundle),
+                "--url", server.url,
+                "--concurrency",
+                "--rates", "40", "80",
+                "--rate-concurrency", "4",
+                "--duration", "1.5",
+                "--warmup", "2",
+                "--out", str(tmp_path),
+                "--device", "test",
+            ]
+        )  # fmt: skip
+        served = _recommend_count(server.url)
+    report = json.loads((tmp_path / "load-test.json").read_text())
+    rows = report["rows"]
+    assert [(r["mode"], r["offered_rate"], r["concurrency"]) for r in rows] == [
+        ("open", 40.0, 4),
+        ("open", 80.0, 4),
+    ]
+    for row in rows:
+        assert row["errors"] == 0 and 0 < row["p50_ms"] <= row["p99_ms"]
+        # Poisson arrivals over 1.5 s: about 60 and 120 requests, never a handful or thousands.
+        assert 0.4 * 1.5 * row["offered_rate"] < row["requests"] < 2 * 1.5 * row["offered_rate"]
+    assert served == 2 + sum(r["requests"] for r in rows)  # warm-up + every scheduled request
+    assert report["target_met"] is None  # no open-loop level with 32 connections
+    assert (tmp_path / "load-test.png").stat().st_size > 0
+    assert "| open | 4 | 40.0 |" in (tmp_path / "load-test.md").read_text()
+
+
+def test_open_loop_latency_counts_from_the_scheduled_arrival() -> None:
+    # A server that takes 50 ms per request, one connection, 100 arrivals/s: requests queue up
+    # behind each other, and the latency users see grows far past the 50 ms of service time.
+    # Measured from the send (coordinated omission) it would stay near 50 ms.
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        assert scope["type"] == "http"
+        while (await receive()).get("more_body"):
+            pass
+        await asyncio.sleep(0.05)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def run() -> load.Row:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await load.run_open_level(client, 1, 100.0, [{"history": []}], 40, 10.0, 0)
+
+    row = asyncio.run(run())
+    assert row.requests == 40 and row.errors == 0
+    assert row.p50_ms >= 50 and row.p99_ms > 600  # the 40th waits behind ~39 x 50 ms
+    assert row.requests_per_s < 25  # served at the server's pace, not the offered 100/s
+
+
+def test_targets_read_each_mode_separately() -> None:
+    def row(mode: str, rps: float, p99: float) -> load.Row:
+        return load.Row(32, 100, rps, p99 / 2, p99, 0, mode, 110.0 if mode == "open" else None)
+
+    rows = [row("closed", 140.0, 500.0), row("open", 105.0, 80.0)]
+    assert load.target_met(rows, "open") is True
+    assert load.target_met(rows, "closed") is False
+    assert load.target_met([row("open", 95.0, 80.0)], "open") is False  # too few served
+    assert load.target_met([row("open", 105.0, 120.0)], "open") is False  # p99 too high
+    assert load.target_met([row("closed", 400.0, 90.0)], "open") is None
 
 
 def test_load_generator_counts_refused_requests_as_errors(
