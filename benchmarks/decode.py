@@ -38,6 +38,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import header, md_header, md_table, write_result  # noqa: E402
+from models.fused_decoder import FusedDecoder  # noqa: E402
 from models.trie import ItemTrie  # noqa: E402
 from models.trie_reference import ReferenceTrie, reference_beam_search  # noqa: E402
 from models.vocab import CodeVocab  # noqa: E402
@@ -168,6 +169,7 @@ def time_engine(
     }, outputs
 
 
+FLOOR = "dense GEMMs alone (floor, not an engine)"
 PAIRED = {
     # name -> (engine, dtype, decoder)
     "reference": ("reference", "float32", ""),
@@ -175,6 +177,49 @@ PAIRED = {
     "torch float32": ("torch", "float32", "auto"),
     "torch bfloat16": ("torch", "bfloat16", "auto"),
 }
+
+
+class GemmFloor:
+    """The dense matmuls of one fused-decoder batch, alone: the same weights and shapes as
+    `FusedDecoder` (q/k/v, o, gate/up, down per layer; prefill over every prompt token, the last
+    layer's output half and the head on the last token only; then L-1 steps over B x W beams),
+    on random inputs, with no attention, norms, rotary, masking or beam bookkeeping. Its time is
+    a floor for any exact implementation built on this CPU's GEMM: the reference's time over it
+    is the largest speed-up such an engine could reach."""
+
+    def __init__(self, decoder: Any, batch: int, prompt_len: int, width: int, steps: int) -> None:
+        self.layers, self.head_t = decoder.layers, decoder.head_t
+        self.steps = steps
+        hidden = self.head_t.shape[0]
+        gen = torch.Generator().manual_seed(0)
+
+        def rand(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=gen, dtype=self.head_t.dtype)
+
+        ly = self.layers[0]
+        self.sizes = [batch * prompt_len, batch, batch * width]  # prefill, last token, steps
+        self.h = [rand(n, hidden) for n in self.sizes]
+        self.o = [rand(n, ly.w_o_t.shape[0]) for n in self.sizes]
+        self.act = [rand(n, ly.w_down_t.shape[0]) for n in self.sizes]
+
+    def _layer(self, ly: Any, i: int, qkv_rows: int | None = None) -> None:
+        h = self.h[i]
+        _ = (self.h[qkv_rows] if qkv_rows is not None else h) @ ly.w_qkv.t()
+        torch.addmm(h, self.o[i], ly.w_o_t)
+        _ = h @ ly.w_gu_t
+        torch.addmm(h, self.act[i], ly.w_down_t)
+
+    @torch.inference_mode()
+    def run(self) -> None:
+        *first, last = self.layers
+        for ly in first:
+            self._layer(ly, 0)
+        self._layer(last, 1, qkv_rows=0)  # K/V for every prompt token, the rest for the last
+        _ = self.h[1] @ self.head_t
+        for _step in range(self.steps):
+            for ly in self.layers:
+                self._layer(ly, 2)
+            _ = self.h[2] @ self.head_t
 
 
 def paired_speedup(
@@ -194,7 +239,16 @@ def paired_speedup(
     for name, engine in engines.items():
         if name != "reference":
             engine.recommend(requests[:batch], trie)
+    fused = getattr(engines.get("torch float32"), "decoder", None)
+    floor = None
+    if isinstance(fused, FusedDecoder):
+        floor = GemmFloor(
+            fused, batch, len(requests[0].prompt), args.beam, grid.vocab.levels - 1
+        )
+        floor.run()
     seconds: dict[str, list[float]] = {name: [] for name in engines}
+    if floor is not None:
+        seconds[FLOOR] = []
     same = {name: True for name in engines if name != "reference"}
     for r in tqdm(range(rounds), desc="paired reference/torch"):
         chunk = requests[r * batch : (r + 1) * batch]
@@ -208,6 +262,11 @@ def paired_speedup(
                 want = got
             else:
                 same[name] = same[name] and same_outputs(got, want)
+        if floor is not None:
+            for _ in range(2):
+                t0 = time.perf_counter()
+                floor.run()
+                seconds[FLOOR].append(time.perf_counter() - t0)
     for engine in engines.values():
         engine.close()
     ref = float(np.median(seconds["reference"]))
@@ -221,6 +280,7 @@ def paired_speedup(
         for name, s in seconds.items()
     ]
     fast = next(v for v in variants if v["variant"] == "torch float32")
+    floor_row = next((v for v in variants if v["variant"] == FLOOR), None)
     return {
         "model": grid.model_name,
         "items": n_items,
@@ -232,6 +292,8 @@ def paired_speedup(
         "torch_users_per_s": fast["users_per_s"],
         "speedup": fast["speedup"],
         "identical_to_reference": fast["identical_to_reference"],
+        "gemm_floor_speedup": floor_row["speedup"] if floor_row else None,
+        "share_of_floor": round(fast["speedup"] / floor_row["speedup"], 3) if floor_row else None,
     }
 
 
@@ -610,6 +672,13 @@ def markdown(head: dict[str, Any], payload: dict[str, Any], args) -> str:
         if "variants" in pr:
             text += md_table(
                 pr["variants"], ["variant", "users_per_s", "speedup", "identical_to_reference"]
+            )
+        if pr.get("gemm_floor_speedup"):
+            text += (
+                f"\nThe floor row times only the dense matmuls of a fused batch (same weights "
+                f"and shapes, nothing else): no exact engine on this CPU's GEMM beats "
+                f"{pr['gemm_floor_speedup']}x here; the fused decoder reaches "
+                f"{100 * pr['share_of_floor']:.0f}% of it.\n"
             )
     text += "\n## Trie\n\n" + md_table(
         payload["tries"],

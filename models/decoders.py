@@ -32,12 +32,15 @@ class Decoder(Protocol):
     """Runs the language model for beam search; state is opaque to the search."""
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, Any]:
-        """Prompts -> (next-token logits [B, V], state)."""
+        """Prompts -> (next-token logits [B, V'], state). V' >= the vocabulary size V: a decoder
+        may pad the head for GEMM speed, and every padding column is -inf (zero probability, so
+        a log-softmax over V' equals one over V)."""
         ...
 
     def step(self, state: Any, parents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Reorder beams by `parents` [B, W] (indices into the previous beams, the prefix state
-        counting as one beam repeated), feed `tokens` [B, W]; returns logits [B, W, V]."""
+        counting as one beam repeated), feed `tokens` [B, W]; returns logits [B, W, V'] (padded
+        as in `prefill`)."""
         ...
 
 
