@@ -242,9 +242,7 @@ def paired_speedup(
     fused = getattr(engines.get("torch float32"), "decoder", None)
     floor = None
     if isinstance(fused, FusedDecoder):
-        floor = GemmFloor(
-            fused, batch, len(requests[0].prompt), args.beam, grid.vocab.levels - 1
-        )
+        floor = GemmFloor(fused, batch, len(requests[0].prompt), args.beam, grid.vocab.levels - 1)
         floor.run()
     seconds: dict[str, list[float]] = {name: [] for name in engines}
     if floor is not None:
@@ -293,7 +291,9 @@ def paired_speedup(
         "speedup": fast["speedup"],
         "identical_to_reference": fast["identical_to_reference"],
         "gemm_floor_speedup": floor_row["speedup"] if floor_row else None,
-        "share_of_floor": round(fast["speedup"] / floor_row["speedup"], 3) if floor_row else None,
+        "share_of_floor": (
+            round(float(fast["speedup"]) / float(floor_row["speedup"]), 3) if floor_row else None  # type: ignore[arg-type]
+        ),
     }
 
 
