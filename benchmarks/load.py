@@ -226,6 +226,27 @@ def run_level_wrk(
     )
 
 
+async def settle(client: httpx.AsyncClient, timeout_s: float = 30.0) -> float:
+    """Wait until the server has drained the previous level (a closed-loop client stops counting
+    with up to `concurrency` requests still queued there): /metrics shows no request in flight
+    but the /metrics request itself. Returns the seconds waited."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout_s:
+        try:
+            text = (await client.get("/metrics")).text
+        except httpx.HTTPError:
+            text = ""
+        busy = [
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("letterrec_inflight_requests ")
+        ]
+        if not busy or busy[0] <= 1:
+            break
+        await asyncio.sleep(0.1)
+    return time.perf_counter() - start
+
+
 async def benchmark(
     args: argparse.Namespace, item_ids: list[str]
 ) -> tuple[dict[str, Any], list[Row]]:
@@ -247,6 +268,7 @@ async def benchmark(
             bodies_file = Path(tmp) / "bodies.jsonl"
             bodies_file.write_text("".join(json.dumps(b) + "\n" for b in bodies))
             for c in args.concurrency:
+                await settle(client)
                 if args.client == "wrk":
                     row = await asyncio.to_thread(
                         run_level_wrk, args, c, bodies_file, args.duration
@@ -256,6 +278,7 @@ async def benchmark(
                 log.info("%s", row)
                 rows.append(row)
         for i, rate in enumerate(args.rates):
+            await settle(client)
             row = await run_open_level(
                 client, args.rate_concurrency, rate, bodies, args.requests, args.duration,
                 args.seed + i,

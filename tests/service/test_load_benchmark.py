@@ -162,3 +162,22 @@ def _recommend_count(url: str) -> int:
         ):
             total += float(line.rsplit(" ", 1)[1])
     return int(total)
+
+
+def test_settle_waits_until_the_server_has_drained_the_last_level() -> None:
+    polls = []
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        polls.append(scope["path"])
+        busy = 5 if len(polls) < 4 else 1  # the /metrics request itself is in flight
+        body = f"# TYPE letterrec_inflight_requests gauge\nletterrec_inflight_requests {busy}.0\n"
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body.encode()})
+
+    async def run() -> float:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await load.settle(client)
+
+    waited = asyncio.run(run())
+    assert polls == ["/metrics"] * 4 and waited >= 0.3
