@@ -97,12 +97,7 @@ async def run_level(
             body = bodies[issued % len(bodies)]
             issued += 1
             start = time.perf_counter()
-            try:
-                r = await client.post("/recommend", json=body)
-                ok = r.status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            if ok:
+            if await recommend_ok(client, body):
                 latencies.append(time.perf_counter() - start)
             else:
                 errors += 1
@@ -110,14 +105,36 @@ async def run_level(
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - start
-    done = len(latencies) + errors
+    return make_row(concurrency, len(latencies) + errors, latencies, errors, wall)
+
+
+async def recommend_ok(client: httpx.AsyncClient, body: dict[str, Any]) -> bool:
+    """POST /recommend; True when it answered 200."""
+    try:
+        return (await client.post("/recommend", json=body)).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def make_row(
+    concurrency: int,
+    requests: int,
+    latencies: list[float],
+    errors: int,
+    wall: float,
+    mode: str = "closed",
+    offered_rate: float | None = None,
+) -> Row:
+    """A level's row from its successful requests' latencies (seconds) and wall time."""
     return Row(
         concurrency=concurrency,
-        requests=done,
+        requests=requests,
         requests_per_s=round(len(latencies) / wall, 2) if wall > 0 else 0.0,
         p50_ms=round(1000 * percentile(latencies, 50), 2),
         p99_ms=round(1000 * percentile(latencies, 99), 2),
         errors=errors,
+        mode=mode,
+        offered_rate=offered_rate,
     )
 
 
@@ -141,11 +158,7 @@ async def run_open_level(
     async def one(body: dict[str, Any], due: float) -> None:
         nonlocal errors
         async with slots:
-            try:
-                r = await client.post("/recommend", json=body)
-                ok = r.status_code == 200
-            except httpx.HTTPError:
-                ok = False
+            ok = await recommend_ok(client, body)
         if ok:
             latencies.append(time.perf_counter() - due)
         else:
@@ -164,16 +177,7 @@ async def run_open_level(
         tasks.append(asyncio.create_task(one(bodies[len(tasks) % len(bodies)], due)))
     await asyncio.gather(*tasks)
     wall = max(time.perf_counter() - start, duration_s if len(tasks) < max_requests else 0.0)
-    return Row(
-        concurrency=concurrency,
-        requests=len(tasks),
-        requests_per_s=round(len(latencies) / wall, 2) if wall > 0 else 0.0,
-        p50_ms=round(1000 * percentile(latencies, 50), 2),
-        p99_ms=round(1000 * percentile(latencies, 99), 2),
-        errors=errors,
-        mode="open",
-        offered_rate=rate,
-    )
+    return make_row(concurrency, len(tasks), latencies, errors, wall, "open", rate)
 
 
 WRK_SCRIPT = r"""
