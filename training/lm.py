@@ -52,6 +52,11 @@ class LMTrainConfig:
     eval_users: int = 2000
     """Validation users (a fixed random subset) scored by beam search for early stopping."""
     patience: int = 3
+    min_epochs: int = 0
+    """Early stopping is not checked before this many epochs. While a cosine schedule's learning
+    rate is high, validation can plateau for several evaluations and then climb as it decays: a
+    24-epoch Yelp run with patience 3 (evaluating every 2 epochs) stopped at epoch 8 and kept
+    its epoch-2 weights."""
     beam_width: int = 20
     hidden_dropout: float = 0.0
     """Dropout on the token embeddings and on every attention and MLP block's output, in training
@@ -311,7 +316,7 @@ def train_lm(
                 },
                 checkpoint,
             )
-        if state.bad >= cfg.patience:
+        if state.bad >= cfg.patience and state.epoch >= cfg.min_epochs:
             break
     seconds = time.perf_counter() - t0
     for hook in hooks:

@@ -56,6 +56,30 @@ def trained():
     return result, codes, test
 
 
+@pytest.mark.parametrize(("min_epochs", "ran"), [(0, 3), (5, 5)])
+def test_early_stopping_waits_for_min_epochs(monkeypatch, min_epochs, ran):
+    # Validation NDCG only falls after epoch 1: patience 2 stops after epoch 3, unless
+    # min_epochs asks for more; the best (epoch 1) weights are kept either way.
+    import training.lm as lm
+
+    scores = iter([0.5, 0.4, 0.3, 0.2, 0.1, 0.05])
+    monkeypatch.setattr(lm, "evaluate_pairs", lambda *a, **k: ({"ndcg@10": next(scores)}, []))
+    codes = random_catalogue(N_ITEMS, VOCAB.levels, VOCAB.codebook_size, seed=3)
+    train, valid, _ = successor_data()
+    cfg = LMTrainConfig(
+        model=RecommenderConfig(hidden=16, layers=1, heads=2, intermediate=32),
+        epochs=6,
+        batch_size=256,
+        window_items=6,
+        eval_every=1,
+        patience=2,
+        min_epochs=min_epochs,
+    )
+    result = train_lm(train, valid, codes, VOCAB, cfg, progress=False)
+    assert result.epochs == ran == len(result.history)
+    assert result.valid == {"ndcg@10": 0.5}
+
+
 def test_learns_the_successor_rule(trained):
     result, codes, test = trained
     trie = ItemTrie.from_codes(codes, VOCAB.codebook_size)
