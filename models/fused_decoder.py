@@ -63,12 +63,17 @@ class _FusedState:
     prefix_v: list[torch.Tensor]
     prefix_bias: torch.Tensor | None  # [B, 1, 1, P] 0 / -inf; None when no prompt is padded
     lengths: torch.Tensor  # [B]
-    own: torch.Tensor | None = None  # [layers, 2, capacity, B*W, Hkv, D] generated K/V
+    own: torch.Tensor | None = None  # [capacity, layers, 2, B*W, Hkv, D] generated K/V
+    spare: torch.Tensor | None = None  # same shape: the reorder's destination, then swapped
     generated: int = 0
 
 
 HEAD_ALIGN = 16
 """Head columns are padded to a multiple of this (see the module docstring)."""
+
+TABLE_MAX_BYTES = 32 << 20
+"""Layer 0's q/k/v of every vocabulary token is precomputed when the table is at most this big
+(a code vocabulary: about 1.6 MB for 128-d; an LLM's vocabulary would not fit, and is skipped)."""
 
 
 def _interleave(d: int) -> torch.Tensor:
@@ -110,7 +115,17 @@ class FusedDecoder:
             padded = -(-self.vocab_size // HEAD_ALIGN) * HEAD_ALIGN
             self.head_t = head_t.new_zeros(head_t.shape[0], padded)
             self.head_t[:, : self.vocab_size] = head_t
+            self.qkv0 = self._layer0_table()
         self._freqs = torch.zeros(0, self.head_dim // 2, dtype=self._complex_dtype())
+
+    def _layer0_table(self) -> torch.Tensor | None:
+        """[V, (H + 2Hkv) * D]: layer 0's q/k/v before RoPE depend on the token alone, so a
+        lookup replaces the first norm and matmul of every prompt and generated token."""
+        ly = self.layers[0]
+        if self.embed.shape[0] * ly.w_qkv.shape[0] * self.embed.element_size() > TABLE_MAX_BYTES:
+            return None
+        x = _rms_scale(self.embed, ly.eps1)
+        return x @ ly.w_qkv.t() if ly.b_qkv is None else F.linear(x, ly.w_qkv, ly.b_qkv)
 
     def _complex_dtype(self) -> torch.dtype:
         return torch.complex128 if self.dtype == torch.float64 else torch.complex64
@@ -178,10 +193,16 @@ class FusedDecoder:
         a, b = x[..., 0], x[..., 1]
         return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).to(qk.dtype)
 
-    def _qkv(self, ly: _Layer, h: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """h [..., hidden] -> q [..., H, D], k and v [..., Hkv, D] (RoPE applied to q and k)."""
-        x = _rms_scale(h, ly.eps1)
-        qkv = x @ ly.w_qkv.t() if ly.b_qkv is None else F.linear(x, ly.w_qkv, ly.b_qkv)
+    def _qkv(
+        self, ly: _Layer, h: torch.Tensor, f: torch.Tensor, ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """h [..., hidden] -> q [..., H, D], k and v [..., Hkv, D] (RoPE applied to q and k).
+        With `ids` (layer 0 only; h's token ids), q/k/v come from the precomputed table."""
+        if ids is not None and self.qkv0 is not None:
+            qkv = self.qkv0[ids]
+        else:
+            x = _rms_scale(h, ly.eps1)
+            qkv = x @ ly.w_qkv.t() if ly.b_qkv is None else F.linear(x, ly.w_qkv, ly.b_qkv)
         qkv = qkv.unflatten(-1, (-1, self.head_dim))  # [..., H + 2Hkv, D]
         qk = self._rope_(qkv[..., : self.n_heads + self.n_kv, :], f)
         return qk[..., : self.n_heads, :], qk[..., self.n_heads :, :], qkv[..., -self.n_kv :, :]
@@ -211,7 +232,7 @@ class FusedDecoder:
         rows = torch.arange(b, device=ids.device)
         state = _FusedState([], [], None, lengths)
         for i, ly in enumerate(self.layers):
-            q, k, v = self._qkv(ly, h.view(b, p, -1), f)  # [B, P, H|Hkv, D]
+            q, k, v = self._qkv(ly, h.view(b, p, -1), f, ids if i == 0 else None)  # [B, P, ., D]
             k, v = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [B, Hkv, P, D]
             state.prefix_k.append(k)
             state.prefix_v.append(v)
@@ -243,15 +264,15 @@ class FusedDecoder:
         b, w = tokens.shape
         t, d, hkv = state.generated, self.head_dim, self.n_kv
         g = self.n_heads // hkv
-        own = self._own_cache(state, parents, w)  # [layers, 2, C, B*W, Hkv, D]
+        own = self._own_cache(state, parents, w)  # [C, layers, 2, B*W, Hkv, D]
         h = self.embed[tokens.reshape(-1)]  # [B*W, hidden]
         f = self.freqs(state.lengths + t)[:, None, None, :]  # [B, 1, 1, D/2]
         for i, ly in enumerate(self.layers):
-            q, k, v = self._qkv(ly, h.view(b, w, -1), f)  # [B, W, H|Hkv, D]
-            own[i, 0, t] = k.reshape(b * w, hkv, d)
-            own[i, 1, t] = v.reshape(b * w, hkv, d)
-            ok = own[i, 0, : t + 1].view(t + 1, b, w, hkv, 1, d)
-            ov = own[i, 1, : t + 1].view(t + 1, b, w, hkv, 1, d)
+            q, k, v = self._qkv(ly, h.view(b, w, -1), f, tokens if i == 0 else None)
+            own[t, i, 0] = k.reshape(b * w, hkv, d)
+            own[t, i, 1] = v.reshape(b * w, hkv, d)
+            ok = own[: t + 1, i, 0].view(t + 1, b, w, hkv, 1, d)
+            ov = own[: t + 1, i, 1].view(t + 1, b, w, hkv, 1, d)
             qg = q.view(b, w, hkv, g, d)
             # Scores over the user's shared prefix and over the beam's own few tokens.
             qp = qg.permute(0, 2, 3, 1, 4).reshape(b, hkv, g * w, d)  # [B, Hkv, G*W, D]
@@ -273,17 +294,24 @@ class FusedDecoder:
 
     def _own_cache(self, state: _FusedState, parents: torch.Tensor, w: int) -> torch.Tensor:
         """Generated-token K/V reordered by `parents` [B, W], with room for one more token.
-        Token-major ([layers, 2, T, B*W, Hkv, D]): writing a step's K/V is one contiguous block."""
+        Token-major ([T, layers, 2, B*W, Hkv, D]): a step's K/V is one contiguous block, and the
+        reorder gathers the first t blocks straight into the spare buffer (no copy back)."""
         t, own = state.generated, state.own
         b = parents.shape[0]
-        if own is None or own.shape[2] <= t:
-            grown = self.embed.new_empty(
-                len(self.layers), 2, max(4, 2 * t), b * w, self.n_kv, self.head_dim
-            )
+        if own is None or own.shape[0] <= t:
+            shape = (max(4, 2 * t), len(self.layers), 2, b * w, self.n_kv, self.head_dim)
+            grown = self.embed.new_empty(shape)
             if own is not None:
-                grown[:, :, :t] = own[:, :, :t]
+                grown[:t] = own[:t]
             own = state.own = grown
+            state.spare = self.embed.new_empty(shape)
         if t:
+            assert state.spare is not None
             flat = (torch.arange(b, device=parents.device)[:, None] * w + parents).reshape(-1)
-            own[:, :, :t] = own[:, :, :t].index_select(3, flat)
+            rows = t * len(self.layers) * 2
+            torch.index_select(
+                own[:t].view(rows, b * w, -1), 1, flat, out=state.spare[:t].view(rows, b * w, -1)
+            )
+            state.own, state.spare = state.spare, own
+            own = state.own
         return own

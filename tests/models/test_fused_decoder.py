@@ -14,6 +14,7 @@ from transformers import LlamaForCausalLM
 
 from models.beam import beam_search
 from models.decoders import SharedPrefixDecoder, make_decoder
+from models import fused_decoder
 from models.fused_decoder import FusedDecoder, _interleave, supports_fused
 from models.trie import ItemTrie
 from models.vocab import CodeVocab
@@ -58,21 +59,41 @@ def test_interleave_pairs_the_two_halves():
     assert _interleave(6).tolist() == [0, 3, 1, 4, 2, 5]
 
 
+@pytest.mark.parametrize("table", [True, False], ids=["layer0-table", "no-table"])
 @pytest.mark.parametrize("make", [lambda: llama(kv_heads=2), lambda: llama(kv_heads=4), qwen2])
-def test_prefill_and_steps_equal_the_shared_prefix_decoder(make, catalogue):
+def test_prefill_and_steps_equal_the_shared_prefix_decoder(make, table, catalogue, monkeypatch):
     model = make()
+    if not table:  # as for an LLM-size vocabulary, whose table would be too big
+        monkeypatch.setattr(fused_decoder, "TABLE_MAX_BYTES", 0)
     ref, fused = SharedPrefixDecoder(model), FusedDecoder(model)
-    ps = prompts(24, seed=3, catalogue=catalogue)
+    assert (fused.qkv0 is not None) == table
+    _check_steps(ref, fused, prompts(24, seed=3, catalogue=catalogue), VOCAB)
+
+
+def test_many_steps_reorder_the_generated_cache_like_the_reference():
+    """Five levels: the generated K/V cache is reordered (and its buffers swapped) three times,
+    with parents that move beams across each other."""
+    vocab = CodeVocab(levels=5, codebook_size=16, history_items=6)
+    cfg = tiny_llama_config(vocab, hidden=32, layers=2, heads=4, kv_heads=2)
+    torch.manual_seed(2)
+    model = _randomise_norms(LlamaForCausalLM(cfg), 2).to(torch.float64).eval()
+    cat = random_catalogue(200, vocab.levels, vocab.codebook_size, seed=1)
+    rng = np.random.default_rng(0)
+    ps = [vocab.prompt(cat[rng.integers(0, 200, size=m)]) for m in (0, 3, 6, 9, 2)]
+    _check_steps(SharedPrefixDecoder(model), FusedDecoder(model), ps, vocab)
+
+
+def _check_steps(ref, fused, ps: list[list[int]], vocab: CodeVocab) -> None:
     want, ref_state = ref.prefill(ps)
     got, state = fused.prefill(ps)
     torch.testing.assert_close(_unpad(got, want.shape[-1]), want, **TOL)
     g = torch.Generator().manual_seed(0)
     w = 6
-    for t in range(VOCAB.levels - 1):
+    for t in range(vocab.levels - 1):
         # Step 0 reads the shared prefix only (parents index the one prefix "beam").
         parents = torch.randint(0, w if t else 1, (len(ps), w), generator=g)
-        tokens = torch.randint(0, VOCAB.codebook_size, (len(ps), w), generator=g)
-        tokens = tokens + VOCAB.level_start(t)
+        tokens = torch.randint(0, vocab.codebook_size, (len(ps), w), generator=g)
+        tokens = tokens + vocab.level_start(t)
         want = ref.step(ref_state, parents, tokens)
         got = fused.step(state, parents, tokens)
         torch.testing.assert_close(_unpad(got, want.shape[-1]), want, **TOL)
