@@ -114,16 +114,19 @@ class LiveCatalogue:
 
     def item(self, row: int) -> ItemView:
         if row < self.n_bundle:
-            codes = tuple(int(c) for c in self._bundle_codes[row])
+            codes = tuple(self._bundle_codes[row].tolist())
             return ItemView(row, self._ids[row], codes, self._titles[row], None, "bundle")
         e = self._extra[row - self.n_bundle]
         return ItemView(row, e.item_id, e.codes, e.title, e.text_hash, "tokenized")
 
     def codes_rows(self, rows: Sequence[int]) -> np.ndarray:
         """Codes of `rows`, [len(rows), L]."""
-        out = np.empty((len(rows), self._bundle_codes.shape[1]), dtype=np.int64)
-        for i, row in enumerate(rows):
-            out[i] = self.item(row).codes
+        idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+        out = np.empty((len(idx), self._bundle_codes.shape[1]), dtype=np.int64)
+        in_bundle = idx < self.n_bundle  # one gather for these (the hot path of /recommend)
+        out[in_bundle] = self._bundle_codes[idx[in_bundle]]
+        for i in np.flatnonzero(~in_bundle):
+            out[i] = self._extra[int(idx[i]) - self.n_bundle].codes
         return out
 
     def is_taken(self, codes: tuple[int, ...], free_rows: frozenset[int] = frozenset()) -> bool:

@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from models import fused_decoder
 from models.beam import beam_search
 from models.decoders import SharedPrefixDecoder, make_decoder
-from models import fused_decoder
 from models.fused_decoder import FusedDecoder, _interleave, supports_fused
 from models.trie import ItemTrie
 from models.vocab import CodeVocab

@@ -58,6 +58,26 @@ def test_apply_creates_replaces_and_repeats() -> None:
     assert [e.item_id for e in live.tokenized_entries()] == ["new", "b3"]
 
 
+def test_codes_rows_mixes_bundle_and_tokenized_rows_in_order() -> None:
+    cat = catalogue()
+    live = LiveCatalogue.from_bundle(cat, 8)
+    c1, c2 = free_codes(live, 2)
+    with live.lock:
+        live.apply(entry("x", c1))
+        live.apply(entry("y", c2))
+    got = live.codes_rows([21, 4, 20, 4, 19])
+    assert got.dtype.name == "int64" and got.shape == (5, 3)
+    assert [tuple(r) for r in got.tolist()] == [
+        c2,
+        tuple(cat.codes[4]),
+        c1,
+        tuple(cat.codes[4]),
+        tuple(cat.codes[19]),
+    ]
+    assert live.codes_rows([]).shape == (0, 3)
+    assert all(isinstance(c, int) for c in live.item(3).codes)
+
+
 def test_apply_retires_another_holder_of_the_codes() -> None:
     live = LiveCatalogue.from_bundle(catalogue(), 8)
     taken = live.item(5).codes
