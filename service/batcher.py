@@ -1,7 +1,8 @@
 """Micro-batching: concurrent requests are gathered into one decoding batch.
 
 One worker task owns the engine. When it is idle and a request arrives, it waits up to
-`max_wait_s` for company (or until `max_batch` requests are pending), then decodes the batch in a
+`max_wait_s` for company (or until `max_batch` requests are pending; 0, the service's default,
+waits not at all), then decodes the batch in a
 worker thread so the event loop keeps accepting requests. While a batch decodes, new requests
 pile up and form the next batch at once. The pending queue is bounded: a submit that does not fit
 raises `QueueFull` (the route answers 503 + Retry-After). A request past its timeout is dropped

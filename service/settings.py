@@ -44,8 +44,12 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=64, ge=1, le=4096)
     """Most user requests decoded together in one batch."""
 
-    max_wait_ms: float = Field(default=5.0, ge=0.0, le=1000.0)
-    """How long the first request of a batch waits for company before decoding starts."""
+    max_wait_ms: float = Field(default=0.0, ge=0.0, le=1000.0)
+    """How long the first request of a batch waits for company before decoding starts. 0 (the
+    default) decodes as soon as the engine is free: requests that arrive during a decode still
+    form the next batch together, so batches grow with load without delaying a lone request.
+    Measured on 2 CPU cores (Yelp bundle, 1 torch thread): 5 ms cost a lone request 6 ms
+    (closed loop, 1 connection: p50 21 -> 15 ms) and bought no throughput at 32 connections."""
 
     queue_size: int = Field(default=1024, ge=1, le=1_000_000)
     """Requests allowed to wait for decoding; beyond it the service answers 503 + Retry-After."""

@@ -73,3 +73,17 @@ def test_a_request_past_its_timeout_gets_504(server: LiveServer) -> None:
         state.recommend.timeout_s = saved
     with server.client() as c:
         assert c.post("/recommend", json={"k": 3}, headers=AUTH).status_code == 200
+
+
+def test_startup_objects_are_frozen_out_of_the_collector_until_shutdown(tiny_bundle: Path) -> None:
+    """A full collection over the loaded model and catalogue took ~250 ms on 2 cores, stalling
+    every in-flight request; the lifespan freezes them after warm-up and unfreezes at exit."""
+    import gc
+
+    gc.unfreeze()
+    with live_server(service_settings(tiny_bundle)) as srv:
+        frozen = gc.get_freeze_count()
+        with srv.client() as c:
+            assert c.post("/recommend", json={"history": [], "k": 3}).status_code == 200
+    assert frozen > 10_000, frozen
+    assert gc.get_freeze_count() == 0
