@@ -30,6 +30,12 @@ def entry(item_id: str, codes: tuple[int, ...], text: str = "t") -> Entry:
     return Entry(item_id, codes, f"title {item_id}", text_hash(text))
 
 
+def apply_all(live: LiveCatalogue, *entries: Entry) -> None:
+    with live.lock:
+        for e in entries:
+            live.apply(e)
+
+
 def test_bundle_rows_are_trie_items() -> None:
     cat = catalogue()
     live = LiveCatalogue.from_bundle(cat, 8)
@@ -62,9 +68,7 @@ def test_codes_rows_mixes_bundle_and_tokenized_rows_in_order() -> None:
     cat = catalogue()
     live = LiveCatalogue.from_bundle(cat, 8)
     c1, c2 = free_codes(live, 2)
-    with live.lock:
-        live.apply(entry("x", c1))
-        live.apply(entry("y", c2))
+    apply_all(live, entry("x", c1), entry("y", c2))
     got = live.codes_rows([21, 4, 20, 4, 19])
     assert got.dtype.name == "int64" and got.shape == (5, 3)
     assert [tuple(r) for r in got.tolist()] == [
@@ -98,9 +102,7 @@ def test_snapshot_rows_rebuild_the_same_catalogue() -> None:
     cat = catalogue()
     live = LiveCatalogue.from_bundle(cat, 8)
     c1, c2 = free_codes(live, 2)
-    with live.lock:
-        live.apply(entry("x", c1))
-        live.apply(entry("x", c2, "v2"))
+    apply_all(live, entry("x", c1), entry("x", c2, "v2"))
     from models.trie import ItemTrie
 
     copy = LiveCatalogue(cat, ItemTrie.from_bytes(live.trie.to_bytes()), live.snapshot_rows())
