@@ -10,6 +10,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, status
 from fastapi.encoders import jsonable_encoder
@@ -174,15 +175,20 @@ def _make_engine(settings: Settings, bundle: Bundle) -> DecodeEngine:
     if not bundle.has_lm():
         raise RuntimeError(f"{bundle.root}: the bundle has no recommender (lm/config.json)")
     # Engines share one constructor signature (model_dir, vocab, device, dtype, beam, batch).
+    kwargs: dict[str, Any] = {
+        "model_dir": bundle.lm_dir,
+        "vocab": bundle.vocab,
+        "device": settings.resolved_device(),
+        "dtype": settings.dtype,
+        "beam_width": settings.beam_width,
+        "max_batch": settings.max_batch_size,
+    }
+    if settings.decode_process and settings.engine != "vllm":
+        from service.engines.subprocess_engine import SubprocessEngine
+
+        return SubprocessEngine(settings.engine, threads=settings.torch_threads, **kwargs)
     engine_cls: Callable[..., DecodeEngine] = load_engine_class(settings.engine)
-    return engine_cls(
-        bundle.lm_dir,
-        bundle.vocab,
-        device=settings.resolved_device(),
-        dtype=settings.dtype,
-        beam_width=settings.beam_width,
-        max_batch=settings.max_batch_size,
-    )
+    return engine_cls(**kwargs)
 
 
 def _load_tokenizer(settings: Settings, path: Path):  # noqa: ANN202 - ItemTokenizer | None

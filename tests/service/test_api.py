@@ -16,9 +16,11 @@ from models.bundle import Bundle
 from tests.service.conftest import AUTH, LiveServer, live_server, service_settings
 
 
-@pytest.fixture(scope="module")
-def server(tiny_bundle: Path) -> Iterator[LiveServer]:
-    with live_server(service_settings(tiny_bundle)) as srv:
+@pytest.fixture(scope="module", params=[False, True], ids=["in-process", "decode-process"])
+def server(tiny_bundle: Path, request: pytest.FixtureRequest) -> Iterator[LiveServer]:
+    """Every test runs against both engine placements: in the server process, and in a child
+    process (LETTERREC_DECODE_PROCESS), where /tokenize's trie changes must be shipped over."""
+    with live_server(service_settings(tiny_bundle, decode_process=request.param)) as srv:
         yield srv
 
 

@@ -1,0 +1,90 @@
+"""SubprocessEngine: the torch engine in a spawned child, against the same engine in process."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.trie import ItemTrie
+from models.vocab import CodeVocab
+from service.engines.base import DecodeRequest
+from service.engines.subprocess_engine import DecodeWorkerError, SubprocessEngine
+from service.engines.torch_engine import TorchEngine
+from tests.lmfactory import make_tiny_llama, random_catalogue
+
+VOCAB = CodeVocab(levels=3, codebook_size=16, history_items=20)
+KW = {"beam_width": 10, "max_batch": 4}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_tiny_llama(VOCAB, tmp_path_factory.mktemp("lm"), seed=3)
+
+
+@pytest.fixture(scope="module")
+def engines(model_dir):
+    child = SubprocessEngine("torch", threads=1, model_dir=model_dir, vocab=VOCAB, **KW)
+    yield TorchEngine(model_dir, VOCAB, **KW), child
+    child.close()
+    assert child.pid is None
+
+
+def requests_for(catalogue: np.ndarray, n: int, seed: int) -> list[DecodeRequest]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        hist = rng.integers(0, len(catalogue), size=int(rng.integers(0, 22))).tolist()
+        out.append(
+            DecodeRequest(VOCAB.prompt(catalogue[hist]), k=1 + i % 6, exclude=frozenset(hist))
+        )
+    return out
+
+
+def test_same_results_as_in_process_and_trie_changes_reach_the_child(engines):
+    local, child = engines
+    codes = random_catalogue(400, VOCAB.levels, VOCAB.codebook_size, seed=2)
+    trie = ItemTrie.from_codes(codes[:300], VOCAB.codebook_size)
+    reqs = requests_for(codes[:300], 10, seed=0)
+    assert child.recommend(reqs, trie) == local.recommend(reqs, trie)
+    # New items and a retired one (what /tokenize does): the next batch sees them.
+    for c in codes[300:]:
+        trie.add(c.tolist())
+    trie.deactivate(0)
+    prior = [DecodeRequest([VOCAB.bos_id], k=60)]
+    got, want = child.recommend(prior, trie), local.recommend(prior, trie)
+    assert got == want
+    rows = {r.item_index for r in got[0]}
+    assert 0 not in rows and any(r >= 300 for r in rows)
+    # A different trie object with the same version is shipped too.
+    other = ItemTrie.from_codes(codes[:50], VOCAB.codebook_size)
+    assert child.recommend(prior, other) == local.recommend(prior, other)
+
+
+def test_an_exception_in_the_child_is_raised_with_its_type(engines):
+    _, child = engines
+    trie = ItemTrie.from_codes(random_catalogue(30, 3, 16, seed=4), VOCAB.codebook_size)
+    with pytest.raises(ValueError, match="request 0: k must be >= 1"):
+        child.recommend([DecodeRequest([VOCAB.bos_id], k=0)], trie)
+    assert len(child.recommend([DecodeRequest([VOCAB.bos_id], k=2)], trie)[0]) == 2
+
+
+def test_a_dead_child_fails_nothing_after_it_and_is_replaced(engines):
+    local, child = engines
+    trie = ItemTrie.from_codes(random_catalogue(30, 3, 16, seed=5), VOCAB.codebook_size)
+    req = [DecodeRequest([VOCAB.bos_id], k=3)]
+    child.recommend(req, trie)
+    old = child.pid
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    child._proc.join(10)
+    assert child.recommend(req, trie) == local.recommend(req, trie)  # restarted, trie re-shipped
+    assert child.pid not in (None, old)
+
+
+def test_a_child_that_cannot_build_its_engine_raises_at_start(tmp_path):
+    with pytest.raises((OSError, ValueError, DecodeWorkerError)):
+        SubprocessEngine("torch", model_dir=tmp_path / "missing", vocab=VOCAB, **KW)
