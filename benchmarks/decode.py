@@ -190,6 +190,8 @@ class GemmFloor:
     def __init__(self, decoder: Any, batch: int, prompt_len: int, width: int, steps: int) -> None:
         self.layers, self.head_t = decoder.layers, decoder.head_t
         self.steps = steps
+        # With a layer-0 table (FusedDecoder.qkv0), layer 0's q/k/v are a lookup, not a GEMM.
+        self.layer0_table = getattr(decoder, "qkv0", None) is not None
         hidden = self.head_t.shape[0]
         gen = torch.Generator().manual_seed(0)
 
@@ -204,7 +206,8 @@ class GemmFloor:
 
     def _layer(self, ly: Any, i: int, qkv_rows: int | None = None) -> None:
         h = self.h[i]
-        _ = (self.h[qkv_rows] if qkv_rows is not None else h) @ ly.w_qkv.t()
+        if not (self.layer0_table and ly is self.layers[0]):
+            _ = (self.h[qkv_rows] if qkv_rows is not None else h) @ ly.w_qkv.t()
         torch.addmm(h, self.o[i], ly.w_o_t)
         _ = h @ ly.w_gu_t
         torch.addmm(h, self.act[i], ly.w_down_t)
