@@ -41,10 +41,12 @@ class Settings(BaseSettings):
     """CPU threads torch may use for decoding (0: torch's default, one per core). On a small CPU
     the event loop and HTTP parsing compete with decoding; fewer threads can lower tail latency."""
 
-    decode_process: bool = False
+    decode_process: bool = True
     """Run the torch engine in a child process (service/engines/subprocess_engine.py), so that
-    decoding and the event loop do not share one GIL. Start-up takes a few seconds longer; the
-    vllm engine already decodes in its own processes and ignores this."""
+    decoding and the event loop do not share one GIL. Measured on 2 CPU cores (Yelp bundle,
+    1 torch thread, open loop at 100 requests/s): p99 56 ms against 101-156 ms in process, and
+    221 against 173 requests/s at 32 connections (closed loop). Start-up takes a few seconds
+    longer; the vllm engine already decodes in its own processes and ignores this."""
 
     max_batch_size: int = Field(default=64, ge=1, le=4096)
     """Most user requests decoded together in one batch."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing as mp
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -37,6 +38,9 @@ class DecodeWorkerError(RuntimeError):
 
 def _worker(conn: Connection, engine_name: str, kwargs: dict[str, Any], threads: int) -> None:
     """Child process main: build the engine, then serve (op, trie bytes | None, payload)."""
+    # Ctrl+C in a terminal reaches the whole process group: the parent shuts down gracefully
+    # and finishes queued batches, so the child must outlive the signal and wait for "close".
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import torch
 

@@ -108,6 +108,9 @@ def service_settings(bundle: Path, **overrides: object) -> Settings:
         "engine": "torch",
         "api_keys": API_KEY,
         "max_wait_ms": 2.0,
+        # In process unless a test asks: a child process adds seconds to every app start;
+        # test_api runs every endpoint against both placements.
+        "decode_process": False,
         "beam_width": 20,
         "sync_interval_s": 0.1,
         "redis_timeout_s": 0.5,
