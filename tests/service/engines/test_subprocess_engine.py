@@ -6,17 +6,15 @@ import os
 import signal
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from models.trie import ItemTrie
-from models.vocab import CodeVocab
 from service.engines.base import DecodeRequest
 from service.engines.subprocess_engine import DecodeWorkerError, SubprocessEngine
 from service.engines.torch_engine import TorchEngine
 from tests.lmfactory import make_tiny_llama, random_catalogue
+from tests.service.engines.test_torch_engine import VOCAB, requests_for
 
-VOCAB = CodeVocab(levels=3, codebook_size=16, history_items=20)
 KW = {"beam_width": 10, "max_batch": 4}
 
 
@@ -31,17 +29,6 @@ def engines(model_dir):
     yield TorchEngine(model_dir, VOCAB, **KW), child
     child.close()
     assert child.pid is None
-
-
-def requests_for(catalogue: np.ndarray, n: int, seed: int) -> list[DecodeRequest]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        hist = rng.integers(0, len(catalogue), size=int(rng.integers(0, 22))).tolist()
-        out.append(
-            DecodeRequest(VOCAB.prompt(catalogue[hist]), k=1 + i % 6, exclude=frozenset(hist))
-        )
-    return out
 
 
 def test_same_results_as_in_process_and_trie_changes_reach_the_child(engines):
