@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from models import native
 from models.decoders import _right_pad, supports_shared_prefix
 
 
@@ -59,12 +60,13 @@ class _Layer:
 
 @dataclass
 class _FusedState:
-    prefix_k: list[torch.Tensor]  # per layer [B, Hkv, P, D]
+    prefix_k: list[torch.Tensor]  # per layer [B, Hkv, P, D]; [B, Hkv, D, P] on the native path
     prefix_v: list[torch.Tensor]
     prefix_bias: torch.Tensor | None  # [B, 1, 1, P] 0 / -inf; None when no prompt is padded
     lengths: torch.Tensor  # [B]
     own: torch.Tensor | None = None  # [capacity, layers, 2, B*W, Hkv, D] generated K/V
     spare: torch.Tensor | None = None  # same shape: the reorder's destination, then swapped
+    anc: torch.Tensor | None = None  # native path [T, B*W]: own-cache row of each ancestor
     generated: int = 0
 
 
@@ -89,12 +91,23 @@ def _rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def _padded_kt(k: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, P, D] -> [B, Hkv, D, P8] zero-padded to a multiple of 8 keys (the native kernel's
+    layout: 8 keys' scores in one vector register)."""
+    b, hkv, p, d = k.shape
+    kt = k.new_zeros(b, hkv, d, -(-p // 8) * 8)
+    kt[..., :p] = k.transpose(-1, -2)
+    return kt
+
+
 class FusedDecoder:
     """Decoder protocol of models/decoders.py over re-laid-out Llama/Qwen2 weights. It keeps no
     reference to the model beyond its embedding table and rotary module, so a caller may drop
     the model once this is built (the torch engine does: an LLM's weights are not held twice)."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, use_native: bool | None = None) -> None:
+        """`use_native`: the C step-attention kernel (models/native) for float32 on the CPU;
+        None: wherever it builds, False: the torch ops only."""
         if not supports_fused(model):
             raise ValueError("fused decoding needs a Llama-family model with a SiLU MLP")
         cfg = model.config
@@ -117,6 +130,12 @@ class FusedDecoder:
             self.head_t[:, : self.vocab_size] = head_t
             self.qkv0 = self._layer0_table()
         self._freqs = torch.zeros(0, self.head_dim // 2, dtype=self._complex_dtype())
+        native_ok = self.device.type == "cpu" and self.dtype == torch.float32
+        if use_native and not native_ok:
+            raise ValueError("the native kernels take float32 models on the CPU")
+        self.native = native.load() if native_ok and use_native is not False else None
+        if use_native and self.native is None:
+            raise RuntimeError("the native kernels could not be built here (see the log)")
 
     def _layer0_table(self) -> torch.Tensor | None:
         """[V, (H + 2Hkv) * D]: layer 0's q/k/v before RoPE depend on the token alone, so a
@@ -234,7 +253,7 @@ class FusedDecoder:
         for i, ly in enumerate(self.layers):
             q, k, v = self._qkv(ly, h.view(b, p, -1), f, ids if i == 0 else None)  # [B, P, ., D]
             k, v = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [B, Hkv, P, D]
-            state.prefix_k.append(k)
+            state.prefix_k.append(_padded_kt(k) if self.native else k)
             state.prefix_v.append(v)
             if i == len(self.layers) - 1:
                 # Only the last real token's output is needed after the last layer's K/V.
@@ -261,6 +280,8 @@ class FusedDecoder:
 
     @torch.inference_mode()
     def step(self, state: _FusedState, parents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            return self._step_native(state, parents, tokens)
         b, w = tokens.shape
         t, d, hkv = state.generated, self.head_dim, self.n_kv
         g = self.n_heads // hkv
@@ -289,6 +310,55 @@ class FusedDecoder:
             o_own = (p_own.unsqueeze(-1) * ov).sum(0)  # [B, W, Hkv, G, D]
             o = o + o_own.permute(0, 2, 3, 1, 4)
             h = self._out_mlp(ly, h, o.permute(0, 3, 1, 2, 4).reshape(b * w, -1))
+        state.generated += 1
+        return self._logits(h).view(b, w, -1)  # [B, W, V]
+
+    def _step_native(
+        self, state: _FusedState, parents: torch.Tensor, tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """`step` with each layer's attention in one C call (models/native): RoPE, the cache
+        write and the attention over prefix and own tokens; beams are reordered by ancestor
+        indices (`state.anc`), never by copying their K/V."""
+        b, w = tokens.shape
+        t, n = state.generated, b * w
+        if state.own is None or state.own.shape[0] <= t:
+            shape = (max(4, 2 * t), len(self.layers), 2, n, self.n_kv, self.head_dim)
+            grown = self.embed.new_empty(shape)
+            if state.own is not None:
+                grown[:t] = state.own[:t]
+            state.own = grown
+        anc = torch.empty(t + 1, n, dtype=torch.int64)
+        if t:
+            assert state.anc is not None
+            flat = (torch.arange(b)[:, None] * w + parents).reshape(-1)
+            torch.index_select(state.anc, 1, flat, out=anc[:t])
+        anc[t] = torch.arange(n)
+        state.anc = anc
+        rope = torch.view_as_real(self.freqs(state.lengths + t)).reshape(b, -1)  # [B, D]
+        ids = tokens.reshape(-1)
+        h = self.embed[ids]  # [N, hidden]
+        o = h.new_empty(n, self.n_heads * self.head_dim)
+        for i, ly in enumerate(self.layers):
+            if i == 0 and self.qkv0 is not None:
+                qkv = self.qkv0[ids]
+            else:
+                x = _rms_scale(h, ly.eps1)
+                qkv = x @ ly.w_qkv.t() if ly.b_qkv is None else F.linear(x, ly.w_qkv, ly.b_qkv)
+            native.beam_step_attention(
+                self.native,
+                qkv,
+                rope,
+                state.prefix_k[i],
+                state.prefix_v[i],
+                state.lengths,
+                state.own,
+                i,
+                anc,
+                t,
+                self.n_heads,
+                o,
+            )
+            h = self._out_mlp(ly, h, o)
         state.generated += 1
         return self._logits(h).view(b, w, -1)  # [B, W, V]
 

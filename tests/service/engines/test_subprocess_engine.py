@@ -18,6 +18,18 @@ from tests.service.engines.test_torch_engine import VOCAB, requests_for
 KW = {"beam_width": 10, "max_batch": 4}
 
 
+def same(got, want) -> bool:
+    """Same items in the same order, scores equal to float32 rounding: the child runs 1 torch
+    thread, this process the default, and a GEMM's rounding may depend on its thread count."""
+    return [[r.item_index for r in row] for row in got] == [
+        [r.item_index for r in row] for row in want
+    ] and all(
+        abs(a.score - b.score) <= 1e-5
+        for x, y in zip(got, want, strict=True)
+        for a, b in zip(x, y, strict=True)
+    )
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return make_tiny_llama(VOCAB, tmp_path_factory.mktemp("lm"), seed=3)
@@ -36,19 +48,19 @@ def test_same_results_as_in_process_and_trie_changes_reach_the_child(engines):
     codes = random_catalogue(400, VOCAB.levels, VOCAB.codebook_size, seed=2)
     trie = ItemTrie.from_codes(codes[:300], VOCAB.codebook_size)
     reqs = requests_for(codes[:300], 10, seed=0)
-    assert child.recommend(reqs, trie) == local.recommend(reqs, trie)
+    assert same(child.recommend(reqs, trie), local.recommend(reqs, trie))
     # New items and a retired one (what /tokenize does): the next batch sees them.
     for c in codes[300:]:
         trie.add(c.tolist())
     trie.deactivate(0)
     prior = [DecodeRequest([VOCAB.bos_id], k=60)]
     got, want = child.recommend(prior, trie), local.recommend(prior, trie)
-    assert got == want
+    assert same(got, want)
     rows = {r.item_index for r in got[0]}
     assert 0 not in rows and any(r >= 300 for r in rows)
     # A different trie object with the same version is shipped too.
     other = ItemTrie.from_codes(codes[:50], VOCAB.codebook_size)
-    assert child.recommend(prior, other) == local.recommend(prior, other)
+    assert same(child.recommend(prior, other), local.recommend(prior, other))
 
 
 def test_an_exception_in_the_child_is_raised_with_its_type(engines):
@@ -68,7 +80,9 @@ def test_a_dead_child_fails_nothing_after_it_and_is_replaced(engines):
     assert old is not None
     os.kill(old, signal.SIGKILL)
     child._proc.join(10)
-    assert child.recommend(req, trie) == local.recommend(req, trie)  # restarted, trie re-shipped
+    assert same(
+        child.recommend(req, trie), local.recommend(req, trie)
+    )  # restarted, trie re-shipped
     assert child.pid not in (None, old)
 
 

@@ -1,0 +1,183 @@
+"""Native CPU kernels for the fused decoder, compiled from C on first use (ctypes, no torch headers).
+
+Why hand-written: a TIGER-size model's decoding step on the CPU spends about as long in attention
+bookkeeping as in its matmuls. Each layer's step attention (RoPE, writing the step's K/V, scores
+over the user's shared prefix and the beam's own tokens, softmax, weighted values) is ~20 small
+torch ops with their dispatch, temporaries and page faults, plus a copy of every beam's generated
+K/V on each reorder. No library has this kernel for the CPU: SDPA wants one K/V per query batch
+(here 20 beams share a prefix and differ in their last few tokens); vLLM's CPU paged attention
+does share blocks, but through its engine's block tables and private ops. One C loop nest does it
+in a single pass over L1-resident data, following ancestor pointers instead of copying K/V.
+
+Built with the system C compiler (`CC`, else `cc`) with `-O3 -march=native -ffast-math` into a
+per-machine cache (`LETTERREC_NATIVE_DIR`, default ~/.cache/letterrec/native), keyed by the
+source, the flags and the CPU. Missing compiler or a failed build: `load()` returns None and the
+decoder keeps its torch path (same results; tests/models/test_fused_decoder.py checks both).
+`LETTERREC_NATIVE=0` turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("beam_attention.c")
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC"]
+"""Compile flags. Linking is a separate step without -ffast-math: gcc would otherwise link
+crtfastmath.o, whose constructor turns on flush-to-zero for the whole process (torch included)."""
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cpu_key() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
+        return "\n".join(lines[:2])
+    except OSError:
+        return platform.processor()
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("LETTERREC_NATIVE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "letterrec" / "native"
+
+
+def _build(compiler: str, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    obj = tmp + ".o"
+    run = dict(check=True, capture_output=True, text=True, timeout=120)
+    try:
+        subprocess.run([compiler, *FLAGS, "-c", str(SOURCE), "-o", obj], **run)  # type: ignore[call-overload]
+        subprocess.run([compiler, "-shared", obj, "-o", tmp, "-lm"], **run)  # type: ignore[call-overload]
+        os.replace(tmp, out)  # atomic: concurrent builders (test workers) never see half a file
+    finally:
+        for leftover in (tmp, obj):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they cannot be built here (logged once)."""
+    global _lib, _tried
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get("LETTERREC_NATIVE", "1") == "0" or platform.system() != "Linux":
+            return None
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if compiler is None:
+            log.warning("no C compiler: the fused decoder keeps its torch attention path")
+            return None
+        key = hashlib.sha256(
+            "\0".join([SOURCE.read_text(), " ".join(FLAGS), compiler, _cpu_key()]).encode()
+        ).hexdigest()[:16]
+        path = _cache_dir() / f"beam_attention-{key}.so"
+        try:
+            if not path.exists():
+                _build(compiler, path)
+            lib = ctypes.CDLL(str(path))
+        except (OSError, subprocess.SubprocessError) as exc:
+            detail = getattr(exc, "stderr", "") or exc
+            log.warning("native kernels not built (%s): torch attention path", detail)
+            return None
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        fn = lib.beam_step_attention
+        fn.argtypes = [i64] * 5 + [
+            ptr,
+            i64,
+            ptr,
+            ptr,
+            ptr,
+            i64,
+            i64,
+            ptr,
+            ptr,
+            ptr,
+            i64,
+            ptr,
+            i64,
+            ptr,
+        ]
+        fn.restype = ctypes.c_int
+        _lib = lib
+        return lib
+
+
+def _f32(x: torch.Tensor) -> int:
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        raise TypeError(f"native kernels take float32 CPU tensors, got {x.dtype} on {x.device}")
+    return x.data_ptr()
+
+
+def beam_step_attention(
+    lib: ctypes.CDLL,
+    qkv: torch.Tensor,  # [N, >= (H + 2Hkv) * D] raw (pre-RoPE) q|k|v, rows contiguous
+    rope: torch.Tensor,  # [B, D] (cos, sin) pairs per user
+    prefix_kt: torch.Tensor,  # [B, Hkv, D, P8] contiguous, P8 = P rounded up to a multiple of 8
+    prefix_v: torch.Tensor,  # [B, Hkv, P, D] contiguous
+    lengths: torch.Tensor,  # [B] int64
+    own: torch.Tensor,  # [C, layers, 2, N, Hkv, D] contiguous
+    layer: int,
+    anc: torch.Tensor,  # [>= t + 1, N] int64 contiguous
+    t: int,
+    n_heads: int,
+    out: torch.Tensor,  # [N, H * D] contiguous
+) -> torch.Tensor:
+    b, hkv, d, p8 = prefix_kt.shape
+    p = prefix_v.shape[2]
+    n = qkv.shape[0]
+    assert qkv.stride(1) == 1 and own.is_contiguous() and anc.is_contiguous()
+    assert prefix_kt.is_contiguous() and prefix_v.is_contiguous() and out.is_contiguous()
+    assert rope.is_contiguous() and lengths.dtype == torch.int64 and anc.dtype == torch.int64
+    assert own.shape[0] > t and anc.shape[0] > t and n % b == 0
+    step_stride = own.stride(0)
+    own_k = own.data_ptr() + own.stride(1) * layer * own.element_size()
+    own_v = own_k + own.stride(2) * own.element_size()
+    rc = lib.beam_step_attention(
+        b,
+        n // b,
+        n_heads,
+        hkv,
+        d,
+        _f32(qkv),
+        qkv.stride(0),
+        _f32(rope),
+        _f32(prefix_kt),
+        _f32(prefix_v),
+        p,
+        p8,
+        lengths.data_ptr(),
+        own_k,
+        own_v,
+        step_stride,
+        anc.data_ptr(),
+        t,
+        _f32(out),
+    )
+    if rc == 1:
+        raise MemoryError("beam_step_attention: out of memory")
+    if rc != 0:
+        raise ValueError(
+            f"beam_step_attention: prefix keys padded to {p8}, not a multiple of 8 >= {p}"
+        )
+    return out
