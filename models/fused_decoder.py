@@ -91,15 +91,6 @@ def _rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _padded_kt(k: torch.Tensor) -> torch.Tensor:
-    """[B, Hkv, P, D] -> [B, Hkv, D, P8] zero-padded to a multiple of 8 keys (the native kernel's
-    layout: 8 keys' scores in one vector register)."""
-    b, hkv, p, d = k.shape
-    kt = k.new_zeros(b, hkv, d, -(-p // 8) * 8)
-    kt[..., :p] = k.transpose(-1, -2)
-    return kt
-
-
 class FusedDecoder:
     """Decoder protocol of models/decoders.py over re-laid-out Llama/Qwen2 weights. It keeps no
     reference to the model beyond its embedding table and rotary module, so a caller may drop
@@ -130,9 +121,11 @@ class FusedDecoder:
             self.head_t[:, : self.vocab_size] = head_t
             self.qkv0 = self._layer0_table()
         self._freqs = torch.zeros(0, self.head_dim // 2, dtype=self._complex_dtype())
-        native_ok = self.device.type == "cpu" and self.dtype == torch.float32
+        native_ok = (
+            self.device.type == "cpu" and self.dtype == torch.float32 and self.head_dim % 8 == 0
+        )
         if use_native and not native_ok:
-            raise ValueError("the native kernels take float32 models on the CPU")
+            raise ValueError("the native kernels take float32 models on the CPU, head dim % 8 == 0")
         self.native = native.load() if native_ok and use_native is not False else None
         if use_native and self.native is None:
             raise RuntimeError("the native kernels could not be built here (see the log)")
@@ -217,12 +210,7 @@ class FusedDecoder:
     ) -> tuple[torch.Tensor, ...]:
         """h [..., hidden] -> q [..., H, D], k and v [..., Hkv, D] (RoPE applied to q and k).
         With `ids` (layer 0 only; h's token ids), q/k/v come from the precomputed table."""
-        if ids is not None and self.qkv0 is not None:
-            qkv = self.qkv0[ids]
-        else:
-            x = _rms_scale(h, ly.eps1)
-            qkv = x @ ly.w_qkv.t() if ly.b_qkv is None else F.linear(x, ly.w_qkv, ly.b_qkv)
-        qkv = qkv.unflatten(-1, (-1, self.head_dim))  # [..., H + 2Hkv, D]
+        qkv = self._qkv_raw(ly, h, ids).unflatten(-1, (-1, self.head_dim))  # [..., H + 2Hkv, D]
         qk = self._rope_(qkv[..., : self.n_heads + self.n_kv, :], f)
         return qk[..., : self.n_heads, :], qk[..., self.n_heads :, :], qkv[..., -self.n_kv :, :]
 
@@ -242,6 +230,8 @@ class FusedDecoder:
     # ---- the protocol ------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, _FusedState]:
+        if self.native is not None:
+            return self._prefill_native(prompts)
         ids, lengths = _right_pad(prompts, self.pad_id, self.device)  # [B, P], [B]
         b, p = ids.shape
         d, g = self.head_dim, self.n_heads // self.n_kv
@@ -253,7 +243,7 @@ class FusedDecoder:
         for i, ly in enumerate(self.layers):
             q, k, v = self._qkv(ly, h.view(b, p, -1), f, ids if i == 0 else None)  # [B, P, ., D]
             k, v = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [B, Hkv, P, D]
-            state.prefix_k.append(_padded_kt(k) if self.native else k)
+            state.prefix_k.append(k)
             state.prefix_v.append(v)
             if i == len(self.layers) - 1:
                 # Only the last real token's output is needed after the last layer's K/V.
@@ -313,6 +303,38 @@ class FusedDecoder:
         state.generated += 1
         return self._logits(h).view(b, w, -1)  # [B, W, V]
 
+    def _qkv_raw(self, ly: _Layer, h: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+        """[N, (H + 2Hkv) * D] q|k|v before RoPE (the layer-0 table where there is one)."""
+        if ids is not None and self.qkv0 is not None:
+            return self.qkv0[ids]
+        x = _rms_scale(h, ly.eps1)
+        return x @ ly.w_qkv.t() if ly.b_qkv is None else F.linear(x, ly.w_qkv, ly.b_qkv)
+
+    def _prefill_native(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, _FusedState]:
+        """`prefill` with each layer's RoPE, prefix K/V layout and causal attention in one C call
+        (models/native); the last layer attends from the last real token only."""
+        ids, lengths = _right_pad(prompts, self.pad_id, self.device)  # [B, P], [B]
+        b, p = ids.shape
+        hd, n_layers = self.n_heads * self.head_dim, len(self.layers)
+        p8 = -(-p // 8) * 8
+        flat = ids.reshape(-1)
+        h = self.embed[flat]  # [B*P, hidden]
+        rope = torch.view_as_real(self.freqs(torch.arange(p))).reshape(p, -1)  # [P, D]
+        state = _FusedState([], [], None, lengths)
+        for i, ly in enumerate(self.layers):
+            qkv = self._qkv_raw(ly, h, flat if i == 0 else None)
+            kt = h.new_empty(b, self.n_kv, self.head_dim, p8)
+            v = h.new_empty(b, self.n_kv, p, self.head_dim)
+            last = i == n_layers - 1
+            o = h.new_empty(b if last else b * p, hd)
+            native.prefill_attention(self.native, qkv, rope, lengths, kt, v, o, self.n_heads, last)
+            state.prefix_k.append(kt)
+            state.prefix_v.append(v)
+            if last:
+                h = h.view(b, p, -1)[torch.arange(b), lengths - 1]  # [B, hidden]
+            h = self._out_mlp(ly, h, o)
+        return self._logits(h), state  # [B, V]
+
     def _step_native(
         self, state: _FusedState, parents: torch.Tensor, tokens: torch.Tensor
     ) -> torch.Tensor:
@@ -339,11 +361,7 @@ class FusedDecoder:
         h = self.embed[ids]  # [N, hidden]
         o = h.new_empty(n, self.n_heads * self.head_dim)
         for i, ly in enumerate(self.layers):
-            if i == 0 and self.qkv0 is not None:
-                qkv = self.qkv0[ids]
-            else:
-                x = _rms_scale(h, ly.eps1)
-                qkv = x @ ly.w_qkv.t() if ly.b_qkv is None else F.linear(x, ly.w_qkv, ly.b_qkv)
+            qkv = self._qkv_raw(ly, h, ids if i == 0 else None)
             native.beam_step_attention(
                 self.native,
                 qkv,

@@ -119,6 +119,9 @@ def load() -> ctypes.CDLL | None:
             ptr,
         ]
         fn.restype = ctypes.c_int
+        fn = lib.prefill_attention
+        fn.argtypes = [i64] * 6 + [ptr, i64, ptr, ptr, ctypes.c_int, ptr, ptr, ptr]
+        fn.restype = ctypes.c_int
         _lib = lib
         return lib
 
@@ -174,10 +177,49 @@ def beam_step_attention(
         t,
         _f32(out),
     )
-    if rc == 1:
-        raise MemoryError("beam_step_attention: out of memory")
-    if rc != 0:
-        raise ValueError(
-            f"beam_step_attention: prefix keys padded to {p8}, not a multiple of 8 >= {p}"
-        )
+    _check(rc, "beam_step_attention", p, p8)
     return out
+
+
+def prefill_attention(
+    lib: ctypes.CDLL,
+    qkv: torch.Tensor,  # [B*P, >= (H + 2Hkv) * D] raw q|k|v of right-padded prompts
+    rope: torch.Tensor,  # [P, D] (cos, sin) pairs per position
+    lengths: torch.Tensor,  # [B] int64
+    kt_out: torch.Tensor,  # [B, Hkv, D, P8] written: rotated prefix keys, transposed, padded
+    v_out: torch.Tensor,  # [B, Hkv, P, D] written
+    out: torch.Tensor,  # [B*P, H*D], or [B, H*D] with last_only (the last real token)
+    n_heads: int,
+    last_only: bool,
+) -> torch.Tensor:
+    b, hkv, d, p8 = kt_out.shape
+    p = v_out.shape[2]
+    assert qkv.stride(1) == 1 and qkv.shape[0] == b * p and rope.is_contiguous()
+    assert kt_out.is_contiguous() and v_out.is_contiguous() and out.is_contiguous()
+    assert out.shape[0] == (b if last_only else b * p) and lengths.dtype == torch.int64
+    lengths = lengths.contiguous()
+    rc = lib.prefill_attention(
+        b,
+        p,
+        p8,
+        n_heads,
+        hkv,
+        d,
+        _f32(qkv),
+        qkv.stride(0),
+        _f32(rope),
+        lengths.data_ptr(),
+        int(last_only),
+        _f32(kt_out),
+        _f32(v_out),
+        _f32(out),
+    )
+    _check(rc, "prefill_attention", p, p8)
+    return out
+
+
+def _check(rc: int, name: str, p: int, p8: int) -> None:
+    if rc == 1:
+        raise MemoryError(f"{name}: out of memory")
+    if rc != 0:
+        raise ValueError(f"{name}: prefix keys padded to {p8}, not a multiple of 8 >= {p}")

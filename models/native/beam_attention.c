@@ -1,19 +1,17 @@
-/* One beam-search decoding step's attention for one layer, over a user's shared prefix K/V and
- * each beam's own generated K/V, on the CPU (float32). See models/native/__init__.py for why this
- * exists and how it is built; models/fused_decoder.py for the layouts (its torch path computes
- * the same thing with ~20 tensor ops per layer and is the reference for the tests).
+/* Attention kernels of the fused decoder (models/fused_decoder.py) on the CPU, float32: the
+ * prefill's causal attention and each beam-search step's attention over a user's shared prefix
+ * K/V plus every beam's own generated K/V. See models/native/__init__.py for why they exist and
+ * how they are built; the decoder's torch path computes the same with ~20 tensor ops per layer
+ * and is the reference in tests/models/test_native.py.
  *
- * For every beam n = b*W + j of user b:
- *   q, k = RoPE(raw q, k of the step's token) at the user's position; k and v are stored as
- *   step t of the own cache (row n), and for each query head (kv head h = head / G):
- *   out = softmax([q . prefix_k[b, h, p] for p < len_b] ++
- *                 [q . own_k[s, anc[s, n], h] for s <= t]) @ (prefix_v ++ own_v)
- * `anc[s, n]` is the own-cache row holding beam n's ancestor's token of step s, so beams are never
- * copied when they are reordered. The 1/sqrt(D) scale is already folded into W_q. Padding
- * (p >= len_b) is skipped, never set to -inf: this file is built with -ffast-math.
+ * Layouts. Per (user b, kv head h): prefix keys rotated and transposed, kt [D, P8] with P8 a
+ * multiple of 8 (zero columns past the prompt), so 8 keys' scores sit in one vector register
+ * across the D products; prefix values [P, D]. Own cache: row n = b*W + j of step s at
+ * own_k + s*own_step_stride + (n*Hkv + h)*D (same for own_v); `anc[s*N + n]` is the row that
+ * holds beam n's ancestor's token of step s, so reordering beams never copies K/V.
  *
- * Prefix keys come transposed, [D, P8] per (user, kv head) with P8 a multiple of 8, so scores
- * are computed 8 keys at a time in one vector register across the D products.
+ * The 1/sqrt(D) scale is folded into W_q by the decoder. Padding keys (p >= len_b) are skipped,
+ * never set to -inf: this file is built with -ffast-math. D must be a multiple of 8.
  */
 #include <math.h>
 #include <stdint.h>
@@ -22,7 +20,7 @@
 
 #define CHUNK 8
 /* GCC/Clang vector extension: 8 floats, one AVX register on x86 (two NEON registers on ARM);
- * unaligned loads go through memcpy, which compiles to a single vector load. */
+ * unaligned loads and stores go through memcpy, which compiles to single vector moves. */
 typedef float v8f __attribute__((vector_size(CHUNK * sizeof(float))));
 
 static inline v8f load8(const float *p) {
@@ -30,6 +28,8 @@ static inline v8f load8(const float *p) {
     memcpy(&v, p, sizeof v);
     return v;
 }
+
+static inline void store8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
 
 static inline void rope_pair(const float *restrict x, const float *restrict cs, float *restrict y,
                              int64_t half) {
@@ -41,79 +41,138 @@ static inline void rope_pair(const float *restrict x, const float *restrict cs, 
     }
 }
 
-/* Attention of R query rows (q [R, D]) of one (user, kv head); D is a literal at each call site
- * so the compiler unrolls the D loops and keeps accumulators in registers. */
-static inline __attribute__((always_inline)) void attend(
-    const int64_t D, int64_t R, int64_t G, const float *restrict q, const float *restrict kt,
+/* sc[r*S + p] = q[r] . kt[:, p] for R rows and p < 8*chunks; 4 rows x 2 key vectors per pass,
+ * so each loaded key vector serves 4 rows and each broadcast query value 2 key vectors. */
+static inline __attribute__((always_inline)) void scores(const int64_t D, int64_t R,
+                                                         const float *restrict q,
+                                                         const float *restrict kt, int64_t P8,
+                                                         int64_t chunks, float *restrict sc,
+                                                         int64_t S) {
+    int64_t r = 0;
+    for (; r + 4 <= R; r += 4) {
+        const float *q0 = q + r * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
+        int64_t c = 0;
+        for (; c + 2 <= chunks; c += 2) {
+            v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+            const float *k = kt + c * CHUNK;
+            for (int64_t d = 0; d < D; d++) {
+                const v8f k0 = load8(k + d * P8), k1 = load8(k + d * P8 + CHUNK);
+                a0 += q0[d] * k0, b0 += q0[d] * k1;
+                a1 += q1[d] * k0, b1 += q1[d] * k1;
+                a2 += q2[d] * k0, b2 += q2[d] * k1;
+                a3 += q3[d] * k0, b3 += q3[d] * k1;
+            }
+            float *s = sc + r * S + c * CHUNK;
+            store8(s, a0), store8(s + CHUNK, b0);
+            store8(s + S, a1), store8(s + S + CHUNK, b1);
+            store8(s + 2 * S, a2), store8(s + 2 * S + CHUNK, b2);
+            store8(s + 3 * S, a3), store8(s + 3 * S + CHUNK, b3);
+        }
+        for (; c < chunks; c++) {
+            v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+            const float *k = kt + c * CHUNK;
+            for (int64_t d = 0; d < D; d++) {
+                const v8f k0 = load8(k + d * P8);
+                a0 += q0[d] * k0, a1 += q1[d] * k0, a2 += q2[d] * k0, a3 += q3[d] * k0;
+            }
+            float *s = sc + r * S + c * CHUNK;
+            store8(s, a0), store8(s + S, a1), store8(s + 2 * S, a2), store8(s + 3 * S, a3);
+        }
+    }
+    for (; r < R; r++)
+        for (int64_t c = 0; c < chunks; c++) {
+            v8f a = {0};
+            const float *k = kt + c * CHUNK;
+            for (int64_t d = 0; d < D; d++) a += q[r * D + d] * load8(k + d * P8);
+            store8(sc + r * S + c * CHUNK, a);
+        }
+}
+
+/* s[0, live) <- exp(s - max); returns the sum. */
+static inline float softmax_numerators(float *restrict s, int64_t live) {
+    float m = s[0];
+    for (int64_t p = 1; p < live; p++) m = s[p] > m ? s[p] : m;
+    float sum = 0.0f;
+    for (int64_t p = 0; p < live; p++) {
+        s[p] = expf(s[p] - m);
+        sum += s[p];
+    }
+    return sum;
+}
+
+/* o0 = sum_p e0[p] v[p], o1 = sum_p e1[p] v[p] over p < keys (v [keys, D]): two rows per pass
+ * share every loaded value vector; accumulators stay in registers for D <= 64. */
+static inline __attribute__((always_inline)) void weighted_values(
+    const int64_t D, int64_t keys, const float *restrict e0, const float *restrict e1,
+    const float *restrict v, float *restrict o0, float *restrict o1) {
+    v8f x[D / CHUNK], y[D / CHUNK];
+    for (int64_t c = 0; c < D / CHUNK; c++) x[c] = (v8f){0}, y[c] = (v8f){0};
+    for (int64_t p = 0; p < keys; p++) {
+        const float w0 = e0[p], w1 = e1[p];
+        for (int64_t c = 0; c < D / CHUNK; c++) {
+            const v8f vv = load8(v + p * D + c * CHUNK);
+            x[c] += w0 * vv, y[c] += w1 * vv;
+        }
+    }
+    for (int64_t c = 0; c < D / CHUNK; c++) store8(o0 + c * CHUNK, x[c]);
+    if (o1)
+        for (int64_t c = 0; c < D / CHUNK; c++) store8(o1 + c * CHUNK, y[c]);
+}
+
+/* Prefix values for rows (r, r+1) (the last row of an odd count pairs with itself). */
+static inline __attribute__((always_inline)) void values_rows(const int64_t D, int64_t R,
+                                                              const float *restrict sc, int64_t S,
+                                                              int64_t keys,
+                                                              const float *restrict v,
+                                                              float *const *restrict dst) {
+    for (int64_t r = 0; r < R; r += 2) {
+        const int two = r + 1 < R;
+        weighted_values(D, keys, sc + r * S, sc + (r + two) * S, v, dst[r], two ? dst[r + 1] : 0);
+    }
+}
+
+/* ---- one decoding step ---------------------------------------------------------------------- */
+static inline __attribute__((always_inline)) void step_head(
+    const int64_t D, int64_t W, int64_t G, const float *restrict q, const float *restrict kt,
     int64_t P8, const float *restrict pv, int64_t len, const float *restrict own_k,
     const float *restrict own_v, int64_t own_step_stride, const int64_t *restrict anc, int64_t N,
     int64_t n0, int64_t Hkv, int64_t h, int64_t t, float *restrict sc, int64_t S,
-    float *restrict out, int64_t out_stride) {
-    const int64_t chunks = (len + CHUNK - 1) / CHUNK;
-    /* Prefix scores, 4 query rows x 8 keys per pass: each key vector loaded once for 4 rows. */
-    int64_t r0 = 0;
-    for (; r0 + 4 <= R; r0 += 4) {
-        const float *q0 = q + r0 * D;
-        for (int64_t c = 0; c < chunks; c++) {
-            v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-            const float *k = kt + c * CHUNK;
-#pragma GCC unroll 8
-            for (int64_t d = 0; d < D; d++) {
-                const v8f kv = load8(k + d * P8);
-                a0 += q0[d] * kv;
-                a1 += q0[D + d] * kv;
-                a2 += q0[2 * D + d] * kv;
-                a3 += q0[3 * D + d] * kv;
-            }
-            memcpy(sc + r0 * S + c * CHUNK, &a0, sizeof a0);
-            memcpy(sc + (r0 + 1) * S + c * CHUNK, &a1, sizeof a1);
-            memcpy(sc + (r0 + 2) * S + c * CHUNK, &a2, sizeof a2);
-            memcpy(sc + (r0 + 3) * S + c * CHUNK, &a3, sizeof a3);
-        }
-    }
-    for (; r0 < R; r0++) {
-        for (int64_t c = 0; c < chunks; c++) {
-            v8f acc = {0};
-            const float *k = kt + c * CHUNK;
-            for (int64_t d = 0; d < D; d++) acc += q[r0 * D + d] * load8(k + d * P8);
-            memcpy(sc + r0 * S + c * CHUNK, &acc, sizeof acc);
-        }
-    }
+    float **restrict dst) {
+    const int64_t R = W * G;
+    scores(D, R, q, kt, P8, (len + CHUNK - 1) / CHUNK, sc, S);
+    float sums[R];
     for (int64_t r = 0; r < R; r++) {
         const float *qr = q + r * D;
         float *s = sc + r * S;
         const int64_t n = n0 + r / G;
-        for (int64_t u = 0; u <= t; u++) {
+        for (int64_t u = 0; u <= t; u++) { /* the beam's own tokens after its prefix scores */
             const float *k = own_k + u * own_step_stride + (anc[u * N + n] * Hkv + h) * D;
             float dot = 0.0f;
             for (int64_t d = 0; d < D; d++) dot += qr[d] * k[d];
             s[len + u] = dot;
         }
-        const int64_t live = len + t + 1;
-        float m = s[0];
-        for (int64_t p = 1; p < live; p++) m = s[p] > m ? s[p] : m;
-        float sum = 0.0f;
-        for (int64_t p = 0; p < live; p++) {
-            s[p] = expf(s[p] - m);
-            sum += s[p];
-        }
-        float o[D];
-        for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
-        for (int64_t p = 0; p < len; p++) {
-            const float e = s[p], *v = pv + p * D;
-            for (int64_t d = 0; d < D; d++) o[d] += e * v[d];
-        }
+        sums[r] = softmax_numerators(s, len + t + 1);
+    }
+    values_rows(D, R, sc, S, len, pv, dst);
+    for (int64_t r = 0; r < R; r++) {
+        const float *s = sc + r * S;
+        const int64_t n = n0 + r / G;
+        float *o = dst[r];
         for (int64_t u = 0; u <= t; u++) {
             const float e = s[len + u];
             const float *v = own_v + u * own_step_stride + (anc[u * N + n] * Hkv + h) * D;
             for (int64_t d = 0; d < D; d++) o[d] += e * v[d];
         }
-        float *dst = out + (r / G) * out_stride + (r % G) * D;
-        const float inv = 1.0f / sum;
-        for (int64_t d = 0; d < D; d++) dst[d] = o[d] * inv;
+        const float inv = 1.0f / sums[r];
+        for (int64_t d = 0; d < D; d++) o[d] *= inv;
     }
 }
 
+/* For every beam n = b*W + j: q, k = RoPE(the step token's raw q, k) at the user's position;
+ * k, v stored as step t of the own cache (row n); out[n, head] = softmax over the user's prefix
+ * keys and the beam's own keys (steps 0..t) of q . k, applied to the matching values.
+ *   qkv [N, >= (H + 2Hkv) * D] (row stride qkv_stride), rope [B, D] (cos, sin) pairs,
+ *   prefix_kt [B, Hkv, D, P8], prefix_v [B, Hkv, P, D], out [N, H*D]. */
 int beam_step_attention(int64_t B, int64_t W, int64_t H, int64_t Hkv, int64_t D,
                         const float *restrict qkv, int64_t qkv_stride, const float *restrict rope,
                         const float *restrict prefix_kt, const float *restrict prefix_v, int64_t P,
@@ -121,14 +180,14 @@ int beam_step_attention(int64_t B, int64_t W, int64_t H, int64_t Hkv, int64_t D,
                         float *restrict own_v, int64_t own_step_stride,
                         const int64_t *restrict anc, int64_t t, float *restrict out) {
     const int64_t G = H / Hkv, N = B * W, R = W * G, S = P8 + t + 1, half = D / 2;
-    if (P8 % CHUNK || P8 < P) return 2;
+    if (P8 % CHUNK || P8 < P || D % CHUNK) return 2;
     float *q = malloc(sizeof(float) * (size_t)(R * D));
     float *sc = malloc(sizeof(float) * (size_t)(R * S));
-    if (!q || !sc) {
-        free(q), free(sc);
+    float **dst = malloc(sizeof(float *) * (size_t)R);
+    if (!q || !sc || !dst) {
+        free(q), free(sc), free(dst);
         return 1;
     }
-    /* This step's k (rotated) and v into the own cache, row n of step t. */
     for (int64_t n = 0; n < N; n++) {
         const float *row = qkv + n * qkv_stride, *cs = rope + (n / W) * D;
         float *kd = own_k + t * own_step_stride + n * Hkv * D;
@@ -140,26 +199,110 @@ int beam_step_attention(int64_t B, int64_t W, int64_t H, int64_t Hkv, int64_t D,
         const float *cs = rope + b * D;
         const int64_t len = lengths[b] < P ? lengths[b] : P;
         for (int64_t h = 0; h < Hkv; h++) {
-            const float *kt = prefix_kt + (b * Hkv + h) * D * P8; /* [D, P8] */
-            const float *pv = prefix_v + (b * Hkv + h) * P * D;   /* [P, D] */
-            /* queries of the user's beams for this kv head: row r = j*G + g */
-            for (int64_t j = 0; j < W; j++)
-                for (int64_t g = 0; g < G; g++)
+            const float *kt = prefix_kt + (b * Hkv + h) * D * P8;
+            const float *pv = prefix_v + (b * Hkv + h) * P * D;
+            for (int64_t j = 0; j < W; j++) /* row r = j*G + g */
+                for (int64_t g = 0; g < G; g++) {
                     rope_pair(qkv + (b * W + j) * qkv_stride + (h * G + g) * D, cs,
                               q + (j * G + g) * D, half);
-            float *o = out + b * W * H * D + h * G * D;
-#define ATTEND(DD)                                                                             \
-    attend(DD, R, G, q, kt, P8, pv, len, own_k, own_v, own_step_stride, anc, N, b * W, Hkv, h, t, \
-           sc, S, o, H * D)
+                    dst[j * G + g] = out + (b * W + j) * H * D + (h * G + g) * D;
+                }
+#define STEP(DD)                                                                                \
+    step_head(DD, W, G, q, kt, P8, pv, len, own_k, own_v, own_step_stride, anc, N, b * W, Hkv, h, \
+              t, sc, S, dst)
             switch (D) {
-            case 32: ATTEND(32); break;
-            case 64: ATTEND(64); break;
-            case 128: ATTEND(128); break;
-            default: ATTEND(D);
+            case 32: STEP(32); break;
+            case 64: STEP(64); break;
+            case 128: STEP(128); break;
+            default: STEP(D);
             }
-#undef ATTEND
+#undef STEP
         }
     }
-    free(q), free(sc);
+    free(q), free(sc), free(dst);
+    return 0;
+}
+
+/* ---- prefill ------------------------------------------------------------------------------- */
+static inline __attribute__((always_inline)) void prefill_head(
+    const int64_t D, int64_t G, int last_only, int64_t len, const float *restrict kt, int64_t P8,
+    const float *restrict pv, float *restrict q, float *restrict sc, float **restrict dst,
+    const float *restrict base, int64_t qkv_stride, const float *restrict rope, int64_t h,
+    float *restrict out_rows, int64_t out_stride) {
+    const int64_t half = D / 2, first = last_only ? len - 1 : 0;
+    for (int64_t i0 = first; i0 < len; i0 += 4) { /* up to 4 positions x G heads: r = il*G + g */
+        const int64_t ni = len - i0 < 4 ? len - i0 : 4, R = ni * G, keys = i0 + ni;
+        for (int64_t il = 0; il < ni; il++)
+            for (int64_t g = 0; g < G; g++) {
+                const int64_t r = il * G + g;
+                rope_pair(base + (i0 + il) * qkv_stride + (h * G + g) * D, rope + (i0 + il) * D,
+                          q + r * D, half);
+                dst[r] = out_rows + (last_only ? 0 : (i0 + il) * out_stride) + (h * G + g) * D;
+            }
+        scores(D, R, q, kt, P8, (keys + CHUNK - 1) / CHUNK, sc, P8);
+        float sums[R];
+        for (int64_t r = 0; r < R; r++) {
+            const int64_t live = i0 + r / G + 1; /* causal: keys 0..i */
+            float *s = sc + r * P8;
+            sums[r] = softmax_numerators(s, live);
+            for (int64_t p = live; p < keys; p++) s[p] = 0.0f;
+        }
+        values_rows(D, R, sc, P8, keys, pv, dst);
+        for (int64_t r = 0; r < R; r++) {
+            const float inv = 1.0f / sums[r];
+            for (int64_t d = 0; d < D; d++) dst[r][d] *= inv;
+        }
+    }
+}
+
+/* Prefill attention for one layer over right-padded prompts: RoPE (position = token index),
+ * the user's prefix K (rotated, transposed, zero-padded to P8 keys) and V written out for the
+ * decoding steps, and causal attention for query positions [first, len_b) of each user, where
+ * first = len_b - 1 when `last_only` (the last layer needs the last real token only) and 0
+ * otherwise. Output rows: b*P + i, or b when last_only; rows of padding positions are zeroed.
+ *   qkv [B*P, >= (H + 2Hkv) * D] (row stride qkv_stride), rope [P, D] (cos, sin) pairs,
+ *   kt_out [B, Hkv, D, P8], v_out [B, Hkv, P, D], out [B*P or B, H*D]. */
+int prefill_attention(int64_t B, int64_t P, int64_t P8, int64_t H, int64_t Hkv, int64_t D,
+                      const float *restrict qkv, int64_t qkv_stride, const float *restrict rope,
+                      const int64_t *restrict lengths, int last_only, float *restrict kt_out,
+                      float *restrict v_out, float *restrict out) {
+    const int64_t G = H / Hkv, half = D / 2;
+    if (P8 % CHUNK || P8 < P || D % CHUNK) return 2;
+    float *kr = malloc(sizeof(float) * (size_t)D);
+    float *q = malloc(sizeof(float) * (size_t)(4 * G * D));
+    float *sc = malloc(sizeof(float) * (size_t)(4 * G * P8));
+    float **dst = malloc(sizeof(float *) * (size_t)(4 * G));
+    if (!kr || !q || !sc || !dst) {
+        free(kr), free(q), free(sc), free(dst);
+        return 1;
+    }
+    if (!last_only) memset(out, 0, sizeof(float) * (size_t)(B * P * H * D));
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t len = lengths[b] < P ? lengths[b] : P;
+        const float *base = qkv + b * P * qkv_stride;
+        float *rows = out + (last_only ? b : b * P) * H * D;
+        for (int64_t h = 0; h < Hkv; h++) {
+            float *kt = kt_out + (b * Hkv + h) * D * P8;
+            float *pv = v_out + (b * Hkv + h) * P * D;
+            memset(kt, 0, sizeof(float) * (size_t)(D * P8));
+            for (int64_t p = 0; p < len; p++) {
+                const float *row = base + p * qkv_stride;
+                rope_pair(row + (H + h) * D, rope + p * D, kr, half);
+                for (int64_t d = 0; d < D; d++) kt[d * P8 + p] = kr[d];
+                memcpy(pv + p * D, row + (H + Hkv + h) * D, sizeof(float) * (size_t)D);
+            }
+#define PREFILL(DD)                                                                             \
+    prefill_head(DD, G, last_only, len, kt, P8, pv, q, sc, dst, base, qkv_stride, rope, h, rows, \
+                 H * D)
+            switch (D) {
+            case 32: PREFILL(32); break;
+            case 64: PREFILL(64); break;
+            case 128: PREFILL(128); break;
+            default: PREFILL(D);
+            }
+#undef PREFILL
+        }
+    }
+    free(kr), free(q), free(sc), free(dst);
     return 0;
 }
