@@ -310,6 +310,21 @@ class FusedDecoder:
         x = _rms_scale(h, ly.eps1)
         return x @ ly.w_qkv.t() if ly.b_qkv is None else F.linear(x, ly.w_qkv, ly.b_qkv)
 
+    def _qkv_native(
+        self, ly: _Layer, h: torch.Tensor, ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(q|k|v before RoPE and the norm's row scale, [N] or None): (r h) W = r (h W), so
+        the attention kernel scales the rows it reads instead of a normalised copy of h."""
+        if (ids is not None and self.qkv0 is not None) or ly.b_qkv is not None:
+            return self._qkv_raw(ly, h, ids), None  # a bias does not commute with the scale
+        return h @ ly.w_qkv.t(), native.row_rms(self.native, h, ly.eps1)
+
+    def _out_mlp_native(self, ly: _Layer, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """`_out_mlp` with the norm's row scale and SiLU-times-up fused into one C pass."""
+        h = torch.addmm(h, o, ly.w_o_t) if ly.b_o is None else h + F.linear(o, ly.w_o_t.t(), ly.b_o)
+        act = native.silu_mul(self.native, h @ ly.w_gu_t, native.row_rms(self.native, h, ly.eps2))
+        return torch.addmm(h, act, ly.w_down_t)
+
     def _prefill_native(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, _FusedState]:
         """`prefill` with each layer's RoPE, prefix K/V layout and causal attention in one C call
         (models/native); the last layer attends from the last real token only."""
@@ -322,17 +337,19 @@ class FusedDecoder:
         rope = torch.view_as_real(self.freqs(torch.arange(p))).reshape(p, -1)  # [P, D]
         state = _FusedState([], [], None, lengths)
         for i, ly in enumerate(self.layers):
-            qkv = self._qkv_raw(ly, h, flat if i == 0 else None)
+            qkv, scale = self._qkv_native(ly, h, flat if i == 0 else None)
             kt = h.new_empty(b, self.n_kv, self.head_dim, p8)
             v = h.new_empty(b, self.n_kv, p, self.head_dim)
             last = i == n_layers - 1
             o = h.new_empty(b if last else b * p, hd)
-            native.prefill_attention(self.native, qkv, rope, lengths, kt, v, o, self.n_heads, last)
+            native.prefill_attention(
+                self.native, qkv, scale, rope, lengths, kt, v, o, self.n_heads, last
+            )
             state.prefix_k.append(kt)
             state.prefix_v.append(v)
             if last:
                 h = h.view(b, p, -1)[torch.arange(b), lengths - 1]  # [B, hidden]
-            h = self._out_mlp(ly, h, o)
+            h = self._out_mlp_native(ly, h, o)
         return self._logits(h), state  # [B, V]
 
     def _step_native(
@@ -361,10 +378,11 @@ class FusedDecoder:
         h = self.embed[ids]  # [N, hidden]
         o = h.new_empty(n, self.n_heads * self.head_dim)
         for i, ly in enumerate(self.layers):
-            qkv = self._qkv_raw(ly, h, ids if i == 0 else None)
+            qkv, scale = self._qkv_native(ly, h, ids if i == 0 else None)
             native.beam_step_attention(
                 self.native,
                 qkv,
+                scale,
                 rope,
                 state.prefix_k[i],
                 state.prefix_v[i],
@@ -376,7 +394,7 @@ class FusedDecoder:
                 self.n_heads,
                 o,
             )
-            h = self._out_mlp(ly, h, o)
+            h = self._out_mlp_native(ly, h, o)
         state.generated += 1
         return self._logits(h).view(b, w, -1)  # [B, W, V]
 

@@ -102,26 +102,17 @@ def load() -> ctypes.CDLL | None:
             return None
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         fn = lib.beam_step_attention
-        fn.argtypes = [i64] * 5 + [
-            ptr,
-            i64,
-            ptr,
-            ptr,
-            ptr,
-            i64,
-            i64,
-            ptr,
-            ptr,
-            ptr,
-            i64,
-            ptr,
-            i64,
-            ptr,
-        ]
+        # B W H Hkv D | qkv stride scale rope kt v P P8 lengths own_k own_v step_stride anc t out
+        fn.argtypes = [i64] * 5 + [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, i64]
+        fn.argtypes += [ptr, i64, ptr]
         fn.restype = ctypes.c_int
         fn = lib.prefill_attention
-        fn.argtypes = [i64] * 6 + [ptr, i64, ptr, ptr, ctypes.c_int, ptr, ptr, ptr]
+        fn.argtypes = [i64] * 6 + [ptr, i64, ptr, ptr, ptr, ctypes.c_int, ptr, ptr, ptr]
         fn.restype = ctypes.c_int
+        lib.row_rms.argtypes = [ptr, i64, i64, i64, ctypes.c_float, ptr]
+        lib.row_rms.restype = None
+        lib.silu_mul.argtypes = [ptr, i64, i64, ptr, ptr]
+        lib.silu_mul.restype = None
         _lib = lib
         return lib
 
@@ -135,6 +126,7 @@ def _f32(x: torch.Tensor) -> int:
 def beam_step_attention(
     lib: ctypes.CDLL,
     qkv: torch.Tensor,  # [N, >= (H + 2Hkv) * D] raw (pre-RoPE) q|k|v, rows contiguous
+    qkv_scale: torch.Tensor | None,  # [N] row scale of qkv (RMSNorm's, see row_rms) or None
     rope: torch.Tensor,  # [B, D] (cos, sin) pairs per user
     prefix_kt: torch.Tensor,  # [B, Hkv, D, P8] contiguous, P8 = P rounded up to a multiple of 8
     prefix_v: torch.Tensor,  # [B, Hkv, P, D] contiguous
@@ -164,6 +156,7 @@ def beam_step_attention(
         d,
         _f32(qkv),
         qkv.stride(0),
+        _opt(qkv_scale, n),
         _f32(rope),
         _f32(prefix_kt),
         _f32(prefix_v),
@@ -184,6 +177,7 @@ def beam_step_attention(
 def prefill_attention(
     lib: ctypes.CDLL,
     qkv: torch.Tensor,  # [B*P, >= (H + 2Hkv) * D] raw q|k|v of right-padded prompts
+    qkv_scale: torch.Tensor | None,  # [B*P] row scale of qkv or None
     rope: torch.Tensor,  # [P, D] (cos, sin) pairs per position
     lengths: torch.Tensor,  # [B] int64
     kt_out: torch.Tensor,  # [B, Hkv, D, P8] written: rotated prefix keys, transposed, padded
@@ -207,6 +201,7 @@ def prefill_attention(
         d,
         _f32(qkv),
         qkv.stride(0),
+        _opt(qkv_scale, b * p),
         _f32(rope),
         lengths.data_ptr(),
         int(last_only),
@@ -216,6 +211,30 @@ def prefill_attention(
     )
     _check(rc, "prefill_attention", p, p8)
     return out
+
+
+def row_rms(lib: ctypes.CDLL, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [N, hidden] (rows contiguous) -> [N]: 1 / sqrt(mean(x^2) + eps), RMSNorm's row scale."""
+    assert x.dim() == 2 and x.stride(1) == 1
+    r = x.new_empty(x.shape[0])
+    lib.row_rms(_f32(x), x.shape[0], x.shape[1], x.stride(0), eps, r.data_ptr())
+    return r
+
+
+def silu_mul(lib: ctypes.CDLL, gu: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+    """gu = [g | u] [N, 2I] contiguous, r [N] or None -> silu(r g) * (r u) [N, I]."""
+    assert gu.is_contiguous() and gu.shape[1] % 2 == 0
+    n, i = gu.shape[0], gu.shape[1] // 2
+    act = gu.new_empty(n, i)
+    lib.silu_mul(_f32(gu), n, i, _opt(r, n), act.data_ptr())
+    return act
+
+
+def _opt(x: torch.Tensor | None, n: int) -> int | None:
+    if x is None:
+        return None
+    assert x.is_contiguous() and x.numel() == n
+    return _f32(x)
 
 
 def _check(rc: int, name: str, p: int, p8: int) -> None:

@@ -31,11 +31,16 @@ static inline v8f load8(const float *p) {
 
 static inline void store8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
 
-static inline void rope_pair(const float *restrict x, const float *restrict cs, float *restrict y,
-                             int64_t half) {
-    /* interleaved pairs (x0, x1) rotated by (cos, sin): the complex product (x0 + i x1) e^{i a} */
+static inline void scaled_copy(const float *restrict x, float scale, float *restrict y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = scale * x[i];
+}
+
+static inline void rope_pair(const float *restrict x, float scale, const float *restrict cs,
+                             float *restrict y, int64_t half) {
+    /* interleaved pairs (x0, x1), times `scale`, rotated by (cos, sin): the complex product
+     * (x0 + i x1) e^{i a} */
     for (int64_t i = 0; i < half; i++) {
-        float a = x[2 * i], b = x[2 * i + 1], c = cs[2 * i], s = cs[2 * i + 1];
+        float a = scale * x[2 * i], b = scale * x[2 * i + 1], c = cs[2 * i], s = cs[2 * i + 1];
         y[2 * i] = a * c - b * s;
         y[2 * i + 1] = a * s + b * c;
     }
@@ -88,13 +93,15 @@ static inline __attribute__((always_inline)) void scores(const int64_t D, int64_
         }
 }
 
-/* s[0, live) <- exp(s - max); returns the sum. */
+/* s[0, live) <- exp(s - max); returns the sum. Arguments are clamped at -60 (exp: 8.8e-27,
+ * nothing beside the max's 1): the C library's vector expf leaves its fast path for the whole
+ * vector when one lane would underflow, which made whole steps 3x slower on real scores. */
 static inline float softmax_numerators(float *restrict s, int64_t live) {
     float m = s[0];
     for (int64_t p = 1; p < live; p++) m = s[p] > m ? s[p] : m;
     float sum = 0.0f;
     for (int64_t p = 0; p < live; p++) {
-        s[p] = expf(s[p] - m);
+        s[p] = expf(fmaxf(s[p] - m, -60.0f));
         sum += s[p];
     }
     return sum;
@@ -171,10 +178,12 @@ static inline __attribute__((always_inline)) void step_head(
 /* For every beam n = b*W + j: q, k = RoPE(the step token's raw q, k) at the user's position;
  * k, v stored as step t of the own cache (row n); out[n, head] = softmax over the user's prefix
  * keys and the beam's own keys (steps 0..t) of q . k, applied to the matching values.
- *   qkv [N, >= (H + 2Hkv) * D] (row stride qkv_stride), rope [B, D] (cos, sin) pairs,
+ *   qkv [N, >= (H + 2Hkv) * D] (row stride qkv_stride), times qkv_scale [N] where not NULL
+ *   (RMSNorm's row scale, see row_rms), rope [B, D] (cos, sin) pairs,
  *   prefix_kt [B, Hkv, D, P8], prefix_v [B, Hkv, P, D], out [N, H*D]. */
 int beam_step_attention(int64_t B, int64_t W, int64_t H, int64_t Hkv, int64_t D,
-                        const float *restrict qkv, int64_t qkv_stride, const float *restrict rope,
+                        const float *restrict qkv, int64_t qkv_stride,
+                        const float *restrict qkv_scale, const float *restrict rope,
                         const float *restrict prefix_kt, const float *restrict prefix_v, int64_t P,
                         int64_t P8, const int64_t *restrict lengths, float *restrict own_k,
                         float *restrict own_v, int64_t own_step_stride,
@@ -190,10 +199,11 @@ int beam_step_attention(int64_t B, int64_t W, int64_t H, int64_t Hkv, int64_t D,
     }
     for (int64_t n = 0; n < N; n++) {
         const float *row = qkv + n * qkv_stride, *cs = rope + (n / W) * D;
+        const float sn = qkv_scale ? qkv_scale[n] : 1.0f;
         float *kd = own_k + t * own_step_stride + n * Hkv * D;
         float *vd = own_v + t * own_step_stride + n * Hkv * D;
-        for (int64_t h = 0; h < Hkv; h++) rope_pair(row + (H + h) * D, cs, kd + h * D, half);
-        memcpy(vd, row + (H + Hkv) * D, sizeof(float) * (size_t)(Hkv * D));
+        for (int64_t h = 0; h < Hkv; h++) rope_pair(row + (H + h) * D, sn, cs, kd + h * D, half);
+        scaled_copy(row + (H + Hkv) * D, sn, vd, Hkv * D);
     }
     for (int64_t b = 0; b < B; b++) {
         const float *cs = rope + b * D;
@@ -203,8 +213,9 @@ int beam_step_attention(int64_t B, int64_t W, int64_t H, int64_t Hkv, int64_t D,
             const float *pv = prefix_v + (b * Hkv + h) * P * D;
             for (int64_t j = 0; j < W; j++) /* row r = j*G + g */
                 for (int64_t g = 0; g < G; g++) {
-                    rope_pair(qkv + (b * W + j) * qkv_stride + (h * G + g) * D, cs,
-                              q + (j * G + g) * D, half);
+                    rope_pair(qkv + (b * W + j) * qkv_stride + (h * G + g) * D,
+                              qkv_scale ? qkv_scale[b * W + j] : 1.0f, cs, q + (j * G + g) * D,
+                              half);
                     dst[j * G + g] = out + (b * W + j) * H * D + (h * G + g) * D;
                 }
 #define STEP(DD)                                                                                \
@@ -227,16 +238,16 @@ int beam_step_attention(int64_t B, int64_t W, int64_t H, int64_t Hkv, int64_t D,
 static inline __attribute__((always_inline)) void prefill_head(
     const int64_t D, int64_t G, int last_only, int64_t len, const float *restrict kt, int64_t P8,
     const float *restrict pv, float *restrict q, float *restrict sc, float **restrict dst,
-    const float *restrict base, int64_t qkv_stride, const float *restrict rope, int64_t h,
-    float *restrict out_rows, int64_t out_stride) {
+    const float *restrict base, int64_t qkv_stride, const float *restrict scale,
+    const float *restrict rope, int64_t h, float *restrict out_rows, int64_t out_stride) {
     const int64_t half = D / 2, first = last_only ? len - 1 : 0;
     for (int64_t i0 = first; i0 < len; i0 += 4) { /* up to 4 positions x G heads: r = il*G + g */
         const int64_t ni = len - i0 < 4 ? len - i0 : 4, R = ni * G, keys = i0 + ni;
         for (int64_t il = 0; il < ni; il++)
             for (int64_t g = 0; g < G; g++) {
                 const int64_t r = il * G + g;
-                rope_pair(base + (i0 + il) * qkv_stride + (h * G + g) * D, rope + (i0 + il) * D,
-                          q + r * D, half);
+                rope_pair(base + (i0 + il) * qkv_stride + (h * G + g) * D,
+                          scale ? scale[i0 + il] : 1.0f, rope + (i0 + il) * D, q + r * D, half);
                 dst[r] = out_rows + (last_only ? 0 : (i0 + il) * out_stride) + (h * G + g) * D;
             }
         scores(D, R, q, kt, P8, (keys + CHUNK - 1) / CHUNK, sc, P8);
@@ -260,10 +271,12 @@ static inline __attribute__((always_inline)) void prefill_head(
  * decoding steps, and causal attention for query positions [first, len_b) of each user, where
  * first = len_b - 1 when `last_only` (the last layer needs the last real token only) and 0
  * otherwise. Output rows: b*P + i, or b when last_only; rows of padding positions are zeroed.
- *   qkv [B*P, >= (H + 2Hkv) * D] (row stride qkv_stride), rope [P, D] (cos, sin) pairs,
+ *   qkv [B*P, >= (H + 2Hkv) * D] (row stride qkv_stride), times qkv_scale [B*P] where not NULL,
+ *   rope [P, D] (cos, sin) pairs,
  *   kt_out [B, Hkv, D, P8], v_out [B, Hkv, P, D], out [B*P or B, H*D]. */
 int prefill_attention(int64_t B, int64_t P, int64_t P8, int64_t H, int64_t Hkv, int64_t D,
-                      const float *restrict qkv, int64_t qkv_stride, const float *restrict rope,
+                      const float *restrict qkv, int64_t qkv_stride,
+                      const float *restrict qkv_scale, const float *restrict rope,
                       const int64_t *restrict lengths, int last_only, float *restrict kt_out,
                       float *restrict v_out, float *restrict out) {
     const int64_t G = H / Hkv, half = D / 2;
@@ -280,20 +293,21 @@ int prefill_attention(int64_t B, int64_t P, int64_t P8, int64_t H, int64_t Hkv, 
     for (int64_t b = 0; b < B; b++) {
         const int64_t len = lengths[b] < P ? lengths[b] : P;
         const float *base = qkv + b * P * qkv_stride;
+        const float *scale = qkv_scale ? qkv_scale + b * P : 0;
         float *rows = out + (last_only ? b : b * P) * H * D;
         for (int64_t h = 0; h < Hkv; h++) {
             float *kt = kt_out + (b * Hkv + h) * D * P8;
             float *pv = v_out + (b * Hkv + h) * P * D;
             memset(kt, 0, sizeof(float) * (size_t)(D * P8));
             for (int64_t p = 0; p < len; p++) {
-                const float *row = base + p * qkv_stride;
-                rope_pair(row + (H + h) * D, rope + p * D, kr, half);
+                const float *row = base + p * qkv_stride, sp = scale ? scale[p] : 1.0f;
+                rope_pair(row + (H + h) * D, sp, rope + p * D, kr, half);
                 for (int64_t d = 0; d < D; d++) kt[d * P8 + p] = kr[d];
-                memcpy(pv + p * D, row + (H + Hkv + h) * D, sizeof(float) * (size_t)D);
+                scaled_copy(row + (H + Hkv + h) * D, sp, pv + p * D, D);
             }
 #define PREFILL(DD)                                                                             \
-    prefill_head(DD, G, last_only, len, kt, P8, pv, q, sc, dst, base, qkv_stride, rope, h, rows, \
-                 H * D)
+    prefill_head(DD, G, last_only, len, kt, P8, pv, q, sc, dst, base, qkv_stride, scale, rope, h, \
+                 rows, H * D)
             switch (D) {
             case 32: PREFILL(32); break;
             case 64: PREFILL(64); break;
@@ -305,4 +319,33 @@ int prefill_attention(int64_t B, int64_t P, int64_t P8, int64_t H, int64_t Hkv, 
     }
     free(kr), free(q), free(sc), free(dst);
     return 0;
+}
+
+/* ---- the MLP half's elementwise work ------------------------------------------------------- */
+/* r[i] = 1 / sqrt(mean_j x[i, j]^2 + eps): RMSNorm's row scale. Since (r x) W = r (x W), the
+ * decoder multiplies the matmul's rows by r afterwards (silu_mul, the attention kernels' q/k/v
+ * row scale) instead of writing a normalised copy of x. */
+void row_rms(const float *restrict x, int64_t n, int64_t h, int64_t stride, float eps,
+             float *restrict r) {
+    for (int64_t i = 0; i < n; i++) {
+        const float *xi = x + i * stride;
+        float ss = 0.0f;
+        for (int64_t j = 0; j < h; j++) ss += xi[j] * xi[j];
+        r[i] = 1.0f / sqrtf(ss / (float)h + eps);
+    }
+}
+
+/* act[i, j] = silu(r_i g[i, j]) * (r_i u[i, j]) for gu = [g | u] ([n, 2I]); r may be NULL (1).
+ * exp's argument is clamped at 80 (silu(-80) = -1.4e-33: zero beside any other term; the vector
+ * expf leaves its fast path for a whole vector when a lane overflows). */
+void silu_mul(const float *restrict gu, int64_t n, int64_t I, const float *restrict r,
+              float *restrict act) {
+    for (int64_t i = 0; i < n; i++) {
+        const float s = r ? r[i] : 1.0f, *g = gu + i * 2 * I, *u = g + I;
+        float *a = act + i * I;
+        for (int64_t j = 0; j < I; j++) {
+            const float z = s * g[j];
+            a[j] = z / (1.0f + expf(fminf(-z, 80.0f))) * (s * u[j]);
+        }
+    }
 }
