@@ -197,17 +197,17 @@ int beam_step_attention(int64_t B, int64_t W, int64_t H, int64_t Hkv, int64_t D,
         free(q), free(sc), free(dst);
         return 1;
     }
-    for (int64_t n = 0; n < N; n++) {
-        const float *row = qkv + n * qkv_stride, *cs = rope + (n / W) * D;
-        const float sn = qkv_scale ? qkv_scale[n] : 1.0f;
-        float *kd = own_k + t * own_step_stride + n * Hkv * D;
-        float *vd = own_v + t * own_step_stride + n * Hkv * D;
-        for (int64_t h = 0; h < Hkv; h++) rope_pair(row + (H + h) * D, sn, cs, kd + h * D, half);
-        scaled_copy(row + (H + Hkv) * D, sn, vd, Hkv * D);
-    }
-    for (int64_t b = 0; b < B; b++) {
+    for (int64_t b = 0; b < B; b++) { /* a user's beams only ever read that user's rows */
         const float *cs = rope + b * D;
         const int64_t len = lengths[b] < P ? lengths[b] : P;
+        for (int64_t n = b * W; n < (b + 1) * W; n++) {
+            const float *row = qkv + n * qkv_stride, sn = qkv_scale ? qkv_scale[n] : 1.0f;
+            float *kd = own_k + t * own_step_stride + n * Hkv * D;
+            float *vd = own_v + t * own_step_stride + n * Hkv * D;
+            for (int64_t h = 0; h < Hkv; h++)
+                rope_pair(row + (H + h) * D, sn, cs, kd + h * D, half);
+            scaled_copy(row + (H + Hkv) * D, sn, vd, Hkv * D);
+        }
         for (int64_t h = 0; h < Hkv; h++) {
             const float *kt = prefix_kt + (b * Hkv + h) * D * P8;
             const float *pv = prefix_v + (b * Hkv + h) * P * D;
