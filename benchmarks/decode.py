@@ -174,6 +174,7 @@ PAIRED = {
     # name -> (engine, dtype, decoder)
     "reference": ("reference", "float32", ""),
     "torch float32, shared-prefix decoder": ("torch", "float32", "shared"),
+    "torch float32, fused decoder in torch ops only": ("torch", "float32", "fused-torch"),
     "torch float32": ("torch", "float32", "auto"),
     "torch bfloat16": ("torch", "bfloat16", "auto"),
 }

@@ -45,12 +45,15 @@ class Decoder(Protocol):
 
 
 def make_decoder(model: Any, kind: str = "auto") -> Decoder:
-    """'fused' (shared prefix KV over re-laid-out weights, the fastest), 'shared' (its readable
-    reference), 'hf' (any causal LM) or 'auto' (the fastest that supports the model)."""
+    """'fused' (shared prefix KV over re-laid-out weights, the fastest; on the CPU in float32 its
+    attention and elementwise work run in native kernels, models/native), 'fused-torch' (the
+    same in torch ops only), 'shared' (its readable reference), 'hf' (any causal LM) or 'auto'
+    (the fastest that supports the model)."""
     from models.fused_decoder import FusedDecoder, supports_fused
 
     choices: dict[str, Callable[[Any], Decoder]] = {
         "fused": FusedDecoder,
+        "fused-torch": lambda m: FusedDecoder(m, use_native=False),
         "shared": SharedPrefixDecoder,
         "hf": HFCacheDecoder,
     }

@@ -117,3 +117,11 @@ def test_other_dtypes_keep_the_torch_path():
     assert FusedDecoder(llama(dtype=torch.float64)).native is None
     with pytest.raises(ValueError, match="float32 models on the CPU"):
         FusedDecoder(llama(dtype=torch.float64), use_native=True)
+
+
+def test_decoder_kinds_choose_the_path():
+    from models.decoders import make_decoder
+
+    model = llama(dtype=torch.float32)
+    assert make_decoder(model).native is not None
+    assert make_decoder(model, "fused-torch").native is None
