@@ -42,13 +42,25 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 
 
-def _cpu_key() -> str:
+def _cpuinfo_lines() -> list[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
-        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
-        return "\n".join(lines[:2])
     except OSError:
-        return platform.processor()
+        return []
+    return [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+
+
+def _cpu_key() -> str:
+    lines = _cpuinfo_lines()
+    return "\n".join(lines[:2]) if lines else platform.processor()
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags as /proc/cpuinfo names them (x86 `flags`, ARM `Features`)."""
+    for ln in _cpuinfo_lines():
+        if ln.startswith(("flags", "Features")):
+            return set(ln.split(":", 1)[1].split())
+    return set()
 
 
 def _cache_dir() -> Path:
@@ -59,20 +71,39 @@ def _cache_dir() -> Path:
     return Path(base) / "letterrec" / "native"
 
 
-def _build(compiler: str, out: Path) -> None:
+def _build(compiler: str, out: Path, march: str = "native") -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     obj = tmp + ".o"
+    flags = [f if f != "-march=native" else f"-march={march}" for f in FLAGS]
     run = dict(check=True, capture_output=True, text=True, timeout=120)
     try:
-        subprocess.run([compiler, *FLAGS, "-c", str(SOURCE), "-o", obj], **run)  # type: ignore[call-overload]
+        subprocess.run([compiler, *flags, "-c", str(SOURCE), "-o", obj], **run)  # type: ignore[call-overload]
         subprocess.run([compiler, "-shared", obj, "-o", tmp, "-lm"], **run)  # type: ignore[call-overload]
+        os.chmod(tmp, 0o755)  # mkstemp's 0600 would hide it from an image's non-root user
         os.replace(tmp, out)  # atomic: concurrent builders (test workers) never see half a file
     finally:
         for leftover in (tmp, obj):
             if os.path.exists(leftover):
                 os.unlink(leftover)
+
+
+def _prebuilt() -> Path | None:
+    """`LETTERREC_NATIVE_LIB`, a library built ahead (`python -m models.native build`, as the CPU
+    image does for x86-64-v3), if this CPU has the flags it was built for
+    (`LETTERREC_NATIVE_LIB_CPU_FLAGS`, space-separated /proc/cpuinfo names)."""
+    path = os.environ.get("LETTERREC_NATIVE_LIB")
+    if not path:
+        return None
+    missing = set(os.environ.get("LETTERREC_NATIVE_LIB_CPU_FLAGS", "").split()) - cpu_flags()
+    if missing:
+        log.warning("prebuilt native kernels %s need CPU flags %s: not used", path, sorted(missing))
+        return None
+    if not Path(path).is_file():
+        log.warning("prebuilt native kernels %s: no such file", path)
+        return None
+    return Path(path)
 
 
 def load() -> ctypes.CDLL | None:
@@ -84,17 +115,20 @@ def load() -> ctypes.CDLL | None:
         _tried = True
         if os.environ.get("LETTERREC_NATIVE", "1") == "0" or platform.system() != "Linux":
             return None
+        path = _prebuilt()
         compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-        if compiler is None:
+        if path is None and compiler is None:
             log.warning("no C compiler: the fused decoder keeps its torch attention path")
             return None
-        key = hashlib.sha256(
-            "\0".join([SOURCE.read_text(), " ".join(FLAGS), compiler, _cpu_key()]).encode()
-        ).hexdigest()[:16]
-        path = _cache_dir() / f"beam_attention-{key}.so"
         try:
-            if not path.exists():
-                _build(compiler, path)
+            if path is None:
+                assert compiler is not None
+                key = hashlib.sha256(
+                    "\0".join([SOURCE.read_text(), " ".join(FLAGS), compiler, _cpu_key()]).encode()
+                ).hexdigest()[:16]
+                path = _cache_dir() / f"beam_attention-{key}.so"
+                if not path.exists():
+                    _build(compiler, path)
             lib = ctypes.CDLL(str(path))
         except (OSError, subprocess.SubprocessError) as exc:
             detail = getattr(exc, "stderr", "") or exc

@@ -125,3 +125,37 @@ def test_decoder_kinds_choose_the_path():
     model = llama(dtype=torch.float32)
     assert make_decoder(model).native is not None
     assert make_decoder(model, "fused-torch").native is None
+
+
+def test_a_prebuilt_library_is_loaded_without_a_compiler(monkeypatch, tmp_path, catalogue):
+    """What the CPU image does: `python -m models.native build` ahead, LETTERREC_NATIVE_LIB at
+    run time, no compiler there."""
+    import subprocess
+    import sys
+
+    lib = tmp_path / "kernels.so"
+    subprocess.run([sys.executable, "-m", "models.native", "build", str(lib)], check=True)
+    assert lib.stat().st_mode & 0o444 == 0o444  # readable by an image's non-root user
+    monkeypatch.setenv("LETTERREC_NATIVE_LIB", str(lib))
+    monkeypatch.setenv("LETTERREC_NATIVE_LIB_CPU_FLAGS", " ".join(sorted(native.cpu_flags())[:3]))
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv("LETTERREC_NATIVE_DIR", str(tmp_path / "cache"))
+    model = llama(dtype=torch.float32)
+    kernel = FusedDecoder(model)
+    assert kernel.native is not None
+    assert not (tmp_path / "cache").exists()  # nothing compiled
+    trie = ItemTrie.from_codes(catalogue, VOCAB.codebook_size)
+    ps = prompts(12, seed=4, catalogue=catalogue)
+    want = beam_search(FusedDecoder(model, use_native=False), ps, trie, VOCAB, 10, 5)
+    got = beam_search(kernel, ps, trie, VOCAB, 10, 5)
+    assert torch.equal(got.items, want.items)
+
+
+def test_a_prebuilt_library_for_other_cpus_is_not_loaded(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("LETTERREC_NATIVE_LIB", str(tmp_path / "never-opened.so"))
+    monkeypatch.setenv("LETTERREC_NATIVE_LIB_CPU_FLAGS", "sse2 no_such_cpu_flag")
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv("LETTERREC_NATIVE_DIR", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="models.native"):
+        assert FusedDecoder(llama(dtype=torch.float32)).native is None
+    assert "no_such_cpu_flag" in caplog.text
