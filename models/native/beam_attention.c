@@ -289,16 +289,18 @@ int prefill_attention(int64_t B, int64_t P, int64_t P8, int64_t H, int64_t Hkv, 
         free(kr), free(q), free(sc), free(dst);
         return 1;
     }
-    if (!last_only) memset(out, 0, sizeof(float) * (size_t)(B * P * H * D));
     for (int64_t b = 0; b < B; b++) {
         const int64_t len = lengths[b] < P ? lengths[b] : P;
         const float *base = qkv + b * P * qkv_stride;
         const float *scale = qkv_scale ? qkv_scale + b * P : 0;
         float *rows = out + (last_only ? b : b * P) * H * D;
+        if (!last_only) /* padding positions' rows: zero, never read as anything else */
+            memset(rows + len * H * D, 0, sizeof(float) * (size_t)((P - len) * H * D));
         for (int64_t h = 0; h < Hkv; h++) {
             float *kt = kt_out + (b * Hkv + h) * D * P8;
             float *pv = v_out + (b * Hkv + h) * P * D;
-            memset(kt, 0, sizeof(float) * (size_t)(D * P8));
+            for (int64_t d = 0; d < D; d++) /* padding keys: zero (read in whole vectors) */
+                memset(kt + d * P8 + len, 0, sizeof(float) * (size_t)(P8 - len));
             for (int64_t p = 0; p < len; p++) {
                 const float *row = base + p * qkv_stride, sp = scale ? scale[p] : 1.0f;
                 rope_pair(row + (H + h) * D, sp, rope + p * D, kr, half);
