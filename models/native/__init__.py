@@ -27,6 +27,8 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -138,10 +140,10 @@ def load() -> ctypes.CDLL | None:
         fn = lib.beam_step_attention
         # B W H Hkv D | qkv stride scale rope kt v P P8 lengths own_k own_v step_stride anc t out
         fn.argtypes = [i64] * 5 + [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, i64]
-        fn.argtypes += [ptr, i64, ptr]
+        fn.argtypes += [ptr, i64, ptr, i64, i64]
         fn.restype = ctypes.c_int
         fn = lib.prefill_attention
-        fn.argtypes = [i64] * 6 + [ptr, i64, ptr, ptr, ptr, ctypes.c_int, ptr, ptr, ptr]
+        fn.argtypes = [i64] * 6 + [ptr, i64, ptr, ptr, ptr, ctypes.c_int, ptr, ptr, ptr, i64, i64]
         fn.restype = ctypes.c_int
         lib.row_rms.argtypes = [ptr, i64, i64, i64, ctypes.c_float, ptr]
         lib.row_rms.restype = None
@@ -182,7 +184,7 @@ def beam_step_attention(
     step_stride = own.stride(0)
     own_k = own.data_ptr() + own.stride(1) * layer * own.element_size()
     own_v = own_k + own.stride(2) * own.element_size()
-    rc = lib.beam_step_attention(
+    call = lambda lo, hi: lib.beam_step_attention(  # noqa: E731
         b,
         n // b,
         n_heads,
@@ -203,8 +205,10 @@ def beam_step_attention(
         anc.data_ptr(),
         t,
         _f32(out),
+        lo,
+        hi,
     )
-    _check(rc, "beam_step_attention", p, p8)
+    _check(_split(call, b), "beam_step_attention", p, p8)
     return out
 
 
@@ -226,7 +230,7 @@ def prefill_attention(
     assert kt_out.is_contiguous() and v_out.is_contiguous() and out.is_contiguous()
     assert out.shape[0] == (b if last_only else b * p) and lengths.dtype == torch.int64
     lengths = lengths.contiguous()
-    rc = lib.prefill_attention(
+    call = lambda lo, hi: lib.prefill_attention(  # noqa: E731
         b,
         p,
         p8,
@@ -242,8 +246,10 @@ def prefill_attention(
         _f32(kt_out),
         _f32(v_out),
         _f32(out),
+        lo,
+        hi,
     )
-    _check(rc, "prefill_attention", p, p8)
+    _check(_split(call, b), "prefill_attention", p, p8)
     return out
 
 
@@ -251,7 +257,13 @@ def row_rms(lib: ctypes.CDLL, x: torch.Tensor, eps: float) -> torch.Tensor:
     """x [N, hidden] (rows contiguous) -> [N]: 1 / sqrt(mean(x^2) + eps), RMSNorm's row scale."""
     assert x.dim() == 2 and x.stride(1) == 1
     r = x.new_empty(x.shape[0])
-    lib.row_rms(_f32(x), x.shape[0], x.shape[1], x.stride(0), eps, r.data_ptr())
+    base, rb, step = _f32(x), r.data_ptr(), x.stride(0) * 4
+
+    def call(lo: int, hi: int) -> int:
+        lib.row_rms(base + lo * step, hi - lo, x.shape[1], x.stride(0), eps, rb + 4 * lo)
+        return 0
+
+    _split(call, x.shape[0])
     return r
 
 
@@ -260,8 +272,35 @@ def silu_mul(lib: ctypes.CDLL, gu: torch.Tensor, r: torch.Tensor | None) -> torc
     assert gu.is_contiguous() and gu.shape[1] % 2 == 0
     n, i = gu.shape[0], gu.shape[1] // 2
     act = gu.new_empty(n, i)
-    lib.silu_mul(_f32(gu), n, i, _opt(r, n), act.data_ptr())
+    base, rb, ab = _f32(gu), _opt(r, n), act.data_ptr()
+
+    def call(lo: int, hi: int) -> int:
+        rows = None if rb is None else rb + 4 * lo
+        lib.silu_mul(base + lo * 8 * i, hi - lo, i, rows, ab + lo * 4 * i)
+        return 0
+
+    _split(call, n)
     return act
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _split(call: Callable[[int, int], int], n: int) -> int:
+    """call(lo, hi) over [0, n) in torch.get_num_threads() contiguous parts at once (ctypes lets
+    the GIL go during a C call, and torch's own threads are idle between ops); the worst rc."""
+    global _pool
+    threads = min(torch.get_num_threads(), n)
+    if threads <= 1:
+        return call(0, n)
+    with _lock:
+        if _pool is None or _pool._max_workers < threads - 1:
+            _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="letterrec-native")
+        pool = _pool
+    bounds = [n * i // threads for i in range(threads + 1)]
+    rest = [pool.submit(call, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    rc = call(bounds[0], bounds[1])  # this thread takes the first part
+    return max([rc, *(f.result() for f in rest)])
 
 
 def _opt(x: torch.Tensor | None, n: int) -> int | None:

@@ -187,7 +187,9 @@ int beam_step_attention(int64_t B, int64_t W, int64_t H, int64_t Hkv, int64_t D,
                         const float *restrict prefix_kt, const float *restrict prefix_v, int64_t P,
                         int64_t P8, const int64_t *restrict lengths, float *restrict own_k,
                         float *restrict own_v, int64_t own_step_stride,
-                        const int64_t *restrict anc, int64_t t, float *restrict out) {
+                        const int64_t *restrict anc, int64_t t, float *restrict out,
+                        int64_t b_begin, int64_t b_end) {
+    /* users [b_begin, b_end) only: callers split a batch across threads this way */
     const int64_t G = H / Hkv, N = B * W, R = W * G, S = P8 + t + 1, half = D / 2;
     if (P8 % CHUNK || P8 < P || D % CHUNK) return 2;
     float *q = malloc(sizeof(float) * (size_t)(R * D));
@@ -197,7 +199,7 @@ int beam_step_attention(int64_t B, int64_t W, int64_t H, int64_t Hkv, int64_t D,
         free(q), free(sc), free(dst);
         return 1;
     }
-    for (int64_t b = 0; b < B; b++) { /* a user's beams only ever read that user's rows */
+    for (int64_t b = b_begin; b < b_end; b++) { /* a user's beams read only its rows */
         const float *cs = rope + b * D;
         const int64_t len = lengths[b] < P ? lengths[b] : P;
         for (int64_t n = b * W; n < (b + 1) * W; n++) {
@@ -273,12 +275,13 @@ static inline __attribute__((always_inline)) void prefill_head(
  * otherwise. Output rows: b*P + i, or b when last_only; rows of padding positions are zeroed.
  *   qkv [B*P, >= (H + 2Hkv) * D] (row stride qkv_stride), times qkv_scale [B*P] where not NULL,
  *   rope [P, D] (cos, sin) pairs,
- *   kt_out [B, Hkv, D, P8], v_out [B, Hkv, P, D], out [B*P or B, H*D]. */
+ *   kt_out [B, Hkv, D, P8], v_out [B, Hkv, P, D], out [B*P or B, H*D]; users [b_begin, b_end). */
 int prefill_attention(int64_t B, int64_t P, int64_t P8, int64_t H, int64_t Hkv, int64_t D,
                       const float *restrict qkv, int64_t qkv_stride,
                       const float *restrict qkv_scale, const float *restrict rope,
                       const int64_t *restrict lengths, int last_only, float *restrict kt_out,
-                      float *restrict v_out, float *restrict out) {
+                      float *restrict v_out, float *restrict out, int64_t b_begin,
+                      int64_t b_end) {
     const int64_t G = H / Hkv, half = D / 2;
     if (P8 % CHUNK || P8 < P || D % CHUNK) return 2;
     float *kr = malloc(sizeof(float) * (size_t)D);
@@ -289,7 +292,7 @@ int prefill_attention(int64_t B, int64_t P, int64_t P8, int64_t H, int64_t Hkv, 
         free(kr), free(q), free(sc), free(dst);
         return 1;
     }
-    for (int64_t b = 0; b < B; b++) {
+    for (int64_t b = b_begin; b < b_end; b++) {
         const int64_t len = lengths[b] < P ? lengths[b] : P;
         const float *base = qkv + b * P * qkv_stride;
         const float *scale = qkv_scale ? qkv_scale + b * P : 0;

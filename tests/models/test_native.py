@@ -159,3 +159,22 @@ def test_a_prebuilt_library_for_other_cpus_is_not_loaded(monkeypatch, tmp_path, 
     with caplog.at_level(logging.WARNING, logger="models.native"):
         assert FusedDecoder(llama(dtype=torch.float32)).native is None
     assert "no_such_cpu_flag" in caplog.text
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_users_split_across_threads_give_the_same_results(threads, catalogue):
+    """With several torch threads the kernels run on contiguous user ranges in parallel
+    (uneven parts with 3); each range must compute exactly its own users."""
+    torch_path, kernel = _pair(llama(seed=8, dtype=torch.float32))
+    trie = ItemTrie.from_codes(catalogue, VOCAB.codebook_size)
+    ps = prompts(17, seed=12, catalogue=catalogue)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = beam_search(torch_path, ps, trie, VOCAB, 10, 5)
+        torch.set_num_threads(threads)
+        got = beam_search(kernel, ps, trie, VOCAB, 10, 5)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got.items, want.items)
+    torch.testing.assert_close(got.scores, want.scores, atol=1e-4, rtol=0)
