@@ -61,6 +61,10 @@ class LMTrainConfig:
     hidden_dropout: float = 0.0
     """Dropout on the token embeddings and on every attention and MLP block's output, in training
     only (Llama has none; see `residual_dropout`). Sparse data such as Yelp overfits without it."""
+    ema: float = 0.0
+    """Decay of an exponential moving average of the weights (0 = off; 0.999 averages over
+    about the last 1,000 steps). Validation, early stopping and the saved model then use the
+    average, which is smoother than the last step's weights on small, noisy data."""
     bf16: bool = False
     """bfloat16 autocast for the forward pass (CUDA, or CPUs with bf16 support)."""
     seed: int = 0
@@ -210,6 +214,18 @@ def residual_dropout(model: torch.nn.Module, p: float) -> list[Any]:
     ]
 
 
+def _ema_model(model: torch.nn.Module, decay: float) -> Any:
+    """torch's AveragedModel keeping an exponential moving average of `model`'s parameters
+    (buffers copied), or None when `decay` is 0."""
+    if decay <= 0:
+        return None
+    if not decay < 1:
+        raise ValueError(f"lm.ema must be in [0, 1), got {decay}")
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def _schedule(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -257,6 +273,9 @@ def train_lm(
         state = TrainState(**saved["state"])
         rng = saved["rng"]
         log.info("resumed from %s at epoch %d", checkpoint, state.epoch)
+    ema = _ema_model(model, cfg.ema)  # before the dropout hooks: the copy has none
+    if ema is not None and checkpoint is not None and checkpoint.exists() and "ema" in saved:
+        ema.load_state_dict(saved["ema"])
     hooks = residual_dropout(model, cfg.hidden_dropout)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     t0, tokens = time.perf_counter(), 0
@@ -283,6 +302,8 @@ def train_lm(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(model)
             total_loss += loss.item()
             n_batches += 1
             tokens += int(mask.sum())
@@ -290,12 +311,13 @@ def train_lm(
                 batches.set_postfix(loss=f"{total_loss / n_batches:.3f}")
         row: dict[str, float] = {"epoch": epoch + 1, "loss": total_loss / max(1, n_batches)}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            metrics, _ = evaluate_pairs(model, valid_subset, codes, vocab, trie, cfg.beam_width)
+            scored = model if ema is None else ema.module
+            metrics, _ = evaluate_pairs(scored, valid_subset, codes, vocab, trie, cfg.beam_width)
             row.update({f"valid_{k}": v for k, v in metrics.items()})
             if metrics["ndcg@10"] > state.best:
                 state.best, state.bad = metrics["ndcg@10"], 0
                 state.best_state = {
-                    k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+                    k: v.detach().cpu().clone() for k, v in scored.state_dict().items()
                 }
                 state.best_valid = metrics
             else:
@@ -313,6 +335,7 @@ def train_lm(
                     "sched": sched.state_dict(),
                     "state": asdict(state),
                     "rng": rng,
+                    **({"ema": ema.state_dict()} if ema is not None else {}),
                 },
                 checkpoint,
             )

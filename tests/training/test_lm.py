@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.recommender import RecommenderConfig, build_model, save_lm, token_strings
@@ -164,3 +165,60 @@ def test_training_with_residual_dropout_leaves_no_hooks() -> None:
     )
     model = train_lm(train[:50], valid[:20], codes, VOCAB, cfg, progress=False).model
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_ema_weights_are_validated_and_kept(monkeypatch) -> None:
+    # The model that validation scores, and the one returned, is the exponential moving average
+    # of the weights after every optimiser step: e_1 = p_1, e_t = d e_{t-1} + (1 - d) p_t.
+    import training.lm as lm
+
+    decay = 0.8
+    seen: list[dict[str, torch.Tensor]] = []
+    steps: list[list[torch.Tensor]] = []
+
+    def record(model, *args, **kwargs):
+        seen.append({k: v.detach().clone() for k, v in model.named_parameters()})
+        return {"ndcg@10": 1.0 / len(seen)}, []
+
+    def after_step(opt, *_):
+        steps.append([p.detach().clone() for g in opt.param_groups for p in g["params"]])
+
+    monkeypatch.setattr(lm, "evaluate_pairs", record)
+    handle = register_optimizer_step_post_hook(after_step)
+    codes = random_catalogue(N_ITEMS, VOCAB.levels, VOCAB.codebook_size, seed=3)
+    train, valid, _ = successor_data()
+    cfg = LMTrainConfig(
+        model=RecommenderConfig(hidden=16, layers=1, heads=2, intermediate=32),
+        epochs=2,
+        batch_size=64,
+        lr=1e-2,
+        window_items=6,
+        eval_every=1,
+        ema=decay,
+        hidden_dropout=0.1,
+    )
+    try:
+        result = train_lm(train, valid, codes, VOCAB, cfg, progress=False)
+    finally:
+        handle.remove()
+    per_epoch = len(steps) // 2
+    assert per_epoch > 1 and len(seen) == 2
+    names = [k for k, p in result.model.named_parameters() if p.requires_grad]
+    expected = [p.clone() for p in steps[0]]
+    for step in steps[1:per_epoch]:
+        expected = [decay * e + (1 - decay) * p for e, p in zip(expected, step)]
+    for name, want, last in zip(names, expected, steps[per_epoch - 1]):
+        assert torch.allclose(seen[0][name], want, atol=1e-6), name
+    assert any(not torch.allclose(seen[0][n], last) for n, last in zip(names, steps[per_epoch - 1]))
+    # epoch 1 validated best, so its averaged weights are the returned model's
+    for name, p in result.model.named_parameters():
+        assert torch.equal(p.detach(), seen[0][name]), name
+    assert all(not m._forward_hooks for m in result.model.modules())
+
+
+def test_ema_decay_out_of_range_is_refused() -> None:
+    codes = random_catalogue(N_ITEMS, VOCAB.levels, VOCAB.codebook_size, seed=3)
+    train, valid, _ = successor_data()
+    cfg = LMTrainConfig(model=RecommenderConfig(hidden=16, layers=1, heads=2), ema=1.0)
+    with pytest.raises(ValueError, match="lm.ema"):
+        train_lm(train, valid, codes, VOCAB, cfg, progress=False)
