@@ -134,7 +134,11 @@ def main() -> None:
         help="train nothing: run the shared stages and write the report from finished variants",
     )
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
-    ap.add_argument("--name", default=None)
+    ap.add_argument(
+        "--name",
+        default=None,
+        help="report name: files quality-NAME.* (a leading 'quality-' is not doubled)",
+    )
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the report goes")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
@@ -245,7 +249,7 @@ def report(
         if "yelp" in data["name"].lower()
         else None,
     }
-    name = args.name or data["name"].lower()
+    name = (args.name or data["name"].lower()).removeprefix("quality-")
     md = md_header(
         f"Recommendation quality on {data['name']} (leave-one-out test, full ranking)", payload
     )

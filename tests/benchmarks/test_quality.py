@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks.quality import report
 from training.config import get_profile
 
@@ -20,8 +22,10 @@ def _variant(valid_ndcg: float, test_ndcg: float) -> dict:
     return {"lm": lm | {"history": history}, "eval": {"letterrec": test}, "stage_seconds": stages}
 
 
-def test_report_tunes_tau_on_validation_and_writes_files(tmp_path: Path) -> None:
-    args = argparse.Namespace(device="cpu", name="unit", results=tmp_path)
+@pytest.mark.parametrize("name", ["unit", "quality-unit"])
+def test_report_tunes_tau_on_validation_and_writes_files(tmp_path: Path, name: str) -> None:
+    # a name given with the files' prefix is not prefixed twice
+    args = argparse.Namespace(device="cpu", name=name, results=tmp_path)
     results = {
         "TIGER": _variant(0.01, 0.011),
         "LETTER tau=1": _variant(0.02, 0.030),  # best on test, not on validation
