@@ -206,10 +206,11 @@ def test_ema_weights_are_validated_and_kept(monkeypatch) -> None:
     names = [k for k, p in result.model.named_parameters() if p.requires_grad]
     expected = [p.clone() for p in steps[0]]
     for step in steps[1:per_epoch]:
-        expected = [decay * e + (1 - decay) * p for e, p in zip(expected, step)]
-    for name, want, last in zip(names, expected, steps[per_epoch - 1]):
+        expected = [decay * e + (1 - decay) * p for e, p in zip(expected, step, strict=True)]
+    for name, want in zip(names, expected, strict=True):
         assert torch.allclose(seen[0][name], want, atol=1e-6), name
-    assert any(not torch.allclose(seen[0][n], last) for n, last in zip(names, steps[per_epoch - 1]))
+    raw = zip(names, steps[per_epoch - 1], strict=True)
+    assert any(not torch.allclose(seen[0][n], last) for n, last in raw)
     # epoch 1 validated best, so its averaged weights are the returned model's
     for name, p in result.model.named_parameters():
         assert torch.equal(p.detach(), seen[0][name]), name
