@@ -21,7 +21,7 @@ from typing import Any
 from benchmarks.common import RESULTS, header, md_header, md_table, write_result
 from training import pipeline
 from training.config import PipelineConfig, get_profile, load_config
-from training.evaluate import evaluate_popularity
+from training.evaluate import evaluate_popularity, evaluate_recent
 
 PAPER_YELP = {
     "SASRec": (0.0183, 0.0238, 0.0117, 0.0146),
@@ -31,6 +31,9 @@ PAPER_YELP = {
     "LETTER-LC-Rec": (0.0255, 0.0326, 0.0166, 0.0205),
 }
 METRICS = ["recall@5", "recall@10", "ndcg@5", "ndcg@10"]
+RECENT = "Recent history"
+"""The repeat baseline's row (training.evaluate.evaluate_recent): not in the paper."""
+REPEAT_COLUMNS = ["history_share@10", "recall@10_repeat", "recall@10_new"]
 SHARED = ("data.json", "embeddings.npy", "embeddings.json", "cf.npy", "sasrec.json")
 
 
@@ -161,6 +164,7 @@ def main() -> None:
     sas = pipeline.stage_cf(shared)
     split = shared.split()
     pop = evaluate_popularity(split.train, split.test, shared.dataset().n_items)
+    recent = evaluate_recent(split.train, split.test, shared.dataset().n_items)
 
     taus = [float(t) for t in args.taus.split(",")]
     grid = variants(cfg, taus)
@@ -191,7 +195,7 @@ def main() -> None:
         run_variant(ws, reuse if name.startswith("LETTER") else None)
     results = {n: r for n in grid if (r := finished(args.work, n)) is not None}
     partial = {n: r for n in grid if (r := in_progress(args.work, n)) is not None}
-    report(args, cfg, data, pop, sas, results, partial)
+    report(args, cfg, data, pop, sas, results, partial, recent)
 
 
 def report(
@@ -202,10 +206,12 @@ def report(
     sas: dict[str, Any],
     results: dict[str, dict[str, Any]],
     partial: dict[str, dict[str, Any]] | None = None,
+    recent: dict[str, float] | None = None,
 ) -> None:
     partial = partial or {}
     rows: list[dict[str, Any]] = [
         {"model": "Popularity", **pop},
+        *([{"model": RECENT, **recent}] if recent else []),
         {"model": "SASRec", **sas["test"]},
     ]
     tau_curve = []
@@ -282,6 +288,16 @@ def report(
             ],
             ["model", "epochs_done", "recall@10", "ndcg@10"],
         ).replace("| recall@10 | ndcg@10 |", "| best valid recall@10 | best valid ndcg@10 |")
+    with_repeats = [r for r in rows if "recall@10_repeat" in r]
+    if with_repeats:
+        md += (
+            f"\n## Repeats\n\n{with_repeats[0]['repeat_targets']:.1%} of the test targets are an "
+            "item of the user's last 20 (a repeat visit). The row "
+            f"'{RECENT}' recommends the user's most recent distinct items, then the most popular "
+            "ones: a baseline outside the paper, showing how much the data rewards repeats. "
+            "history_share@10: share of recommended items taken from the user's history; recall "
+            "on repeat and on new targets.\n\n"
+        ) + md_table(with_repeats, ["model", *REPEAT_COLUMNS])
     if tau_curve:
         md += "\n## tau (ranking-guided loss)\n\n" + md_table(
             tau_curve, ["tau", "valid_ndcg@10", "test_ndcg@10", "test_recall@10"]

@@ -36,6 +36,26 @@ def beyond_accuracy(recs: list[list[int]], popularity: np.ndarray) -> dict[str, 
     }
 
 
+def repeats(
+    recs: list[list[int]], pairs: list[tuple[list[int], int]], history_items: int = 20
+) -> dict[str, float]:
+    """How much of a model's accuracy comes from items the user already has in the history it
+    was given (the last `history_items`): repeat_targets, the share of targets that are such
+    repeats (a property of the data); history_share@10, the share of recommended items that
+    are; recall@10 on repeat targets and on new ones."""
+    ranks = ranks_from_lists([r[:10] for r in recs], [t for _, t in pairs])
+    seen = [set(h[-history_items:]) if history_items > 0 else set() for h, _ in pairs]
+    rep = np.array([t in s for (_, t), s in zip(pairs, seen, strict=True)], dtype=bool)
+    shown = [(sum(i in s for i in r[:10]), len(r[:10])) for r, s in zip(recs, seen, strict=True)]
+    hits = ranks < 10
+    return {
+        "repeat_targets": float(rep.mean()) if len(rep) else 0.0,
+        "history_share@10": sum(a for a, _ in shown) / max(1, sum(b for _, b in shown)),
+        "recall@10_repeat": float(hits[rep].mean()) if rep.any() else 0.0,
+        "recall@10_new": float(hits[~rep].mean()) if (~rep).any() else 0.0,
+    }
+
+
 def evaluate_popularity(
     train: list[list[int]], pairs: list[tuple[list[int], int]], n_items: int
 ) -> dict[str, Any]:
@@ -43,7 +63,40 @@ def evaluate_popularity(
     top = np.argsort(-pop, kind="stable")[:10].tolist()
     recs = [top] * len(pairs)
     ranks = ranks_from_lists(recs, [t for _, t in pairs])
-    return {**summarize(ranks), **beyond_accuracy(recs, pop)}
+    return {**summarize(ranks), **beyond_accuracy(recs, pop), **repeats(recs, pairs)}
+
+
+def recent_items(
+    history: list[int], fill: list[int], k: int = 10, history_items: int = 20
+) -> list[int]:
+    """The user's most recent distinct items of the last `history_items`, newest first, then
+    items of `fill` (most popular first) not already listed, k in all."""
+    out: list[int] = []
+    for i in [*reversed(history[-history_items:]), *fill]:
+        if i not in out:
+            out.append(i)
+            if len(out) == k:
+                break
+    return out
+
+
+def evaluate_recent(
+    train: list[list[int]],
+    pairs: list[tuple[list[int], int]],
+    n_items: int,
+    history_items: int = 20,
+) -> dict[str, Any]:
+    """The repeat-consumption baseline: recommend what the user visited last (see
+    `recent_items`). Not in the LETTER paper; it shows how much a dataset rewards repeats."""
+    pop = item_popularity(train, n_items)
+    top = np.argsort(-pop, kind="stable")[:20].tolist()
+    recs = [recent_items(h, top, 10, history_items) for h, _ in pairs]
+    ranks = ranks_from_lists(recs, [t for _, t in pairs])
+    return {
+        **summarize(ranks),
+        **beyond_accuracy(recs, pop),
+        **repeats(recs, pairs, history_items),
+    }
 
 
 def evaluate_generative(
@@ -67,6 +120,7 @@ def evaluate_generative(
     return {
         **summarize(ranks),
         **beyond_accuracy(recs, pop),
+        **repeats(recs, pairs, vocab.history_items),
         "eval_seconds": seconds,
         "users": len(pairs),
         "users_per_s": len(pairs) / max(seconds, 1e-9),

@@ -21,7 +21,7 @@ from training.cf import train_sasrec
 from training.config import PipelineConfig
 from training.data import Dataset, Split, k_core, leave_one_out, load_dataset
 from training.embed import embed_texts, item_texts
-from training.evaluate import evaluate_generative, evaluate_popularity
+from training.evaluate import evaluate_generative, evaluate_popularity, evaluate_recent
 from training.lm import train_lm
 from training.tokenizer import TokenizerResult, train_tokenizer
 from training.tokenizer_report import (
@@ -239,6 +239,9 @@ def stage_evaluate(ws: Workspace) -> dict[str, Any]:
     sasrec = json.loads((ws.stages / "sasrec.json").read_text())["test"]
     rows = {
         "popularity": evaluate_popularity(split.train, split.test, ws.dataset().n_items),
+        "recent": evaluate_recent(
+            split.train, split.test, ws.dataset().n_items, bundle.vocab.history_items
+        ),
         "sasrec": sasrec,
         "letterrec": gen,
     }

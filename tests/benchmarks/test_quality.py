@@ -40,18 +40,26 @@ def test_report_tunes_tau_on_validation_and_writes_files(tmp_path: Path, name: s
             "history": [{"epoch": 2, "loss": 3.0, "valid_ndcg@10": 0.0067}],
         }
     }
-    report(args, get_profile("quick"), {"name": "Yelp"}, pop, sas, results, partial)
+    recent = dict.fromkeys(METRICS, 0.05) | {
+        "repeat_targets": 0.065,
+        "history_share@10": 0.9,
+        "recall@10_repeat": 0.8,
+        "recall@10_new": 0.01,
+    }
+    report(args, get_profile("quick"), {"name": "Yelp"}, pop, sas, results, partial, recent)
 
     payload = json.loads((tmp_path / "quality-unit.json").read_text())
     models = [r["model"] for r in payload["rows"]]
-    assert models[:3] == ["Popularity", "SASRec", "TIGER"]
+    assert models[:4] == ["Popularity", "Recent history", "SASRec", "TIGER"]
     tuned = payload["rows"][-1]
     assert tuned["model"] == "LETTER (tau tuned on validation: 0.7)"
     assert tuned["ndcg@10"] == 0.025
-    assert payload["rows"][2]["pipeline_minutes"] == 10.0
+    assert payload["rows"][3]["pipeline_minutes"] == 10.0
     assert payload["paper"]["LETTER-TIGER"]["recall@10"] == 0.0364
     md = (tmp_path / "quality-unit.md").read_text()
     assert "LETTER (tau tuned on validation: 0.7)" in md and "LETTER Table 1" in md
+    assert "6.5% of the test targets" in md
+    assert "| Recent history | 0.9000 | 0.8000 | 0.0100 |" in md
     assert "| +CF | 9 | 0.0115 | 0.0067 |" in md and "best valid ndcg@10" in md
     assert "+CF" not in models and payload["unfinished"]["+CF"]["epochs"] == 9
     assert (tmp_path / "quality-unit.png").stat().st_size > 10_000
