@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from models.sasrec import SASRec, SASRecConfig
 from training.data import Split
-from training.metrics import summarize, target_ranks
+from training.metrics import repeats, summarize, target_ranks
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +92,16 @@ def evaluate(
 ) -> dict[str, float]:
     model.eval()
     device = next(model.parameters()).device
-    ranks = []
+    ranks, top = [], []
     for s in range(0, len(pairs), batch):
         chunk = pairs[s : s + batch]
         length = max(1, min(model.config.max_len, max(len(h) for h, _ in chunk)))
         seq = left_pad([h for h, _ in chunk], length).to(device)
-        scores = model.full_sort_predict(seq).float().cpu().numpy()
-        ranks.append(target_ranks(scores, np.array([t for _, t in chunk])))
-    return summarize(np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64))
+        scores = model.full_sort_predict(seq).float()
+        top.extend(scores.topk(min(10, scores.shape[1]), dim=1).indices.tolist())
+        ranks.append(target_ranks(scores.cpu().numpy(), np.array([t for _, t in chunk])))
+    out = summarize(np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64))
+    return out | repeats(top, pairs) if pairs else out
 
 
 def train_sasrec(split: Split, n_items: int, cfg: CFTrainConfig, progress: bool = True) -> CFResult:

@@ -12,7 +12,7 @@ import torch
 from models.trie import ItemTrie
 from models.vocab import CodeVocab
 from training.lm import recommend
-from training.metrics import ranks_from_lists, summarize
+from training.metrics import ranks_from_lists, repeats, summarize
 
 
 def item_popularity(train: list[list[int]], n_items: int) -> np.ndarray:
@@ -33,26 +33,6 @@ def beyond_accuracy(recs: list[list[int]], popularity: np.ndarray) -> dict[str, 
         "coverage@10": float(len(np.unique(flat)) / len(popularity)),
         "arp@10": float(popularity[flat].mean()),
         "pop_percentile@10": float(pct[flat].mean()),
-    }
-
-
-def repeats(
-    recs: list[list[int]], pairs: list[tuple[list[int], int]], history_items: int = 20
-) -> dict[str, float]:
-    """How much of a model's accuracy comes from items the user already has in the history it
-    was given (the last `history_items`): repeat_targets, the share of targets that are such
-    repeats (a property of the data); history_share@10, the share of recommended items that
-    are; recall@10 on repeat targets and on new ones."""
-    ranks = ranks_from_lists([r[:10] for r in recs], [t for _, t in pairs])
-    seen = [set(h[-history_items:]) if history_items > 0 else set() for h, _ in pairs]
-    rep = np.array([t in s for (_, t), s in zip(pairs, seen, strict=True)], dtype=bool)
-    shown = [(sum(i in s for i in r[:10]), len(r[:10])) for r, s in zip(recs, seen, strict=True)]
-    hits = ranks < 10
-    return {
-        "repeat_targets": float(rep.mean()) if len(rep) else 0.0,
-        "history_share@10": sum(a for a, _ in shown) / max(1, sum(b for _, b in shown)),
-        "recall@10_repeat": float(hits[rep].mean()) if rep.any() else 0.0,
-        "recall@10_new": float(hits[~rep].mean()) if (~rep).any() else 0.0,
     }
 
 

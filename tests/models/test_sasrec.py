@@ -39,3 +39,22 @@ def test_sampled_softmax_equals_full_softmax_when_negatives_are_all_other_items(
     assert torch.allclose(full, sampled, atol=1e-6)
     fewer = model.calculate_loss(seq, tgt, negatives=torch.tensor([0, 5]))
     assert fewer < full  # fewer negatives, smaller partition function
+
+
+def test_evaluate_reports_repeats_of_its_own_top10() -> None:
+    # The repeat breakdown uses SASRec's own top-10 lists: recomputed here from the scores.
+    from training.cf import evaluate
+    from training.metrics import repeats
+
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(n_items=40, dim=16, max_len=8, dropout=0.0)).eval()
+    pairs = [([1, 2, 3], 2), ([4, 5], 6), ([7, 8, 9, 7], 30), ([11], 11)]
+    out = evaluate(model, pairs, batch=3)  # two batches
+    top = []
+    for h, _ in pairs:
+        scores = model.full_sort_predict(torch.tensor([[x + 1 for x in h]]))
+        top.append(scores[0].topk(10).indices.tolist())
+    want = repeats(top, pairs)
+    assert want["repeat_targets"] == 0.5
+    for key, value in want.items():
+        assert out[key] == value, key
