@@ -28,6 +28,11 @@ class RecommenderConfig:
     dropout: float = 0.1
     """Attention dropout (Llama has no other dropout)."""
     init_std: float = 0.02
+    tie_embeddings: bool = False
+    """One matrix for the input embeddings and the output head, as in TIGER's T5 and in SASRec:
+    a token's logit then grows with how much of its own embedding the last position carries,
+    so attending to a history item's codes raises the scores of that item and of items that
+    share its codes (copying, which repeat visits reward)."""
 
     def llama_config(self, vocab: CodeVocab) -> LlamaConfig:
         # Room for the longest prompt plus the L generated tokens, rounded up.
@@ -45,7 +50,7 @@ class RecommenderConfig:
             bos_token_id=vocab.bos_id,
             eos_token_id=vocab.eos_id,
             pad_token_id=vocab.pad_id,
-            tie_word_embeddings=False,
+            tie_word_embeddings=self.tie_embeddings,
         )
 
     def to_dict(self) -> dict:

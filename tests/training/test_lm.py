@@ -223,3 +223,30 @@ def test_ema_decay_out_of_range_is_refused() -> None:
     cfg = LMTrainConfig(model=RecommenderConfig(hidden=16, layers=1, heads=2), ema=1.0)
     with pytest.raises(ValueError, match="lm.ema"):
         train_lm(train, valid, codes, VOCAB, cfg, progress=False)
+
+
+def test_tied_embeddings_train_save_and_decode_as_one_matrix(tmp_path) -> None:
+    from models.beam import beam_search
+    from models.decoders import SharedPrefixDecoder
+    from models.fused_decoder import FusedDecoder
+
+    codes = random_catalogue(N_ITEMS, VOCAB.levels, VOCAB.codebook_size, seed=3)
+    train, valid, test = successor_data()
+    mcfg = RecommenderConfig(hidden=16, layers=1, heads=2, intermediate=32, tie_embeddings=True)
+    cfg = LMTrainConfig(model=mcfg, epochs=1, batch_size=64, window_items=6, eval_users=20)
+    model = train_lm(train, valid[:20], codes, VOCAB, cfg, progress=False).model
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.config.tie_word_embeddings
+    loaded = AutoModelForCausalLM.from_pretrained(save_lm(model, VOCAB, tmp_path / "lm")).eval()
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    ids = torch.tensor([[VOCAB.bos_id, 3, 11 + 3, 5]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, loaded(ids).logits, atol=1e-6)
+    trie = ItemTrie.from_codes(codes, VOCAB.codebook_size)
+    prompts = [VOCAB.prompt(codes[h]) for h, _ in test[:30]]
+    want = beam_search(SharedPrefixDecoder(loaded), prompts, trie, VOCAB, 10, 5)
+    got = beam_search(FusedDecoder(loaded), prompts, trie, VOCAB, 10, 5)
+    assert torch.equal(got.items, want.items)
+    # untied (the default): two matrices
+    untied = build_model(RecommenderConfig(hidden=16, layers=1, heads=2), VOCAB)
+    assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
