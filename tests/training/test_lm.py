@@ -250,3 +250,59 @@ def test_tied_embeddings_train_save_and_decode_as_one_matrix(tmp_path) -> None:
     # untied (the default): two matrices
     untied = build_model(RecommenderConfig(hidden=16, layers=1, heads=2), VOCAB)
     assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
+
+
+def test_repeat_flags_follow_the_windows_and_count_earlier_items() -> None:
+    from training.lm import repeat_flags, token_weights
+
+    train = [[1, 2, 1, 3, 3], [4]]
+    flags = repeat_flags(train, window_items=3)  # a repeat of the previous 2 items
+    # windows from the end: items [1, 3, 3] (1 repeats the 1 two back, before the window)
+    # and [1, 2]; then [4]
+    assert [f.tolist() for f in flags] == [[True, False, True], [False, False], [False]]
+    codes = random_catalogue(5, VOCAB.levels, VOCAB.codebook_size, seed=0)
+    wins = windows(train, codes, VOCAB, 3)
+    assert [len(w) - 1 for w in wins] == [VOCAB.levels * len(f) for f in flags]
+    assert token_weights(flags[0], 2, 3.0).tolist() == [3, 3, 1, 1, 3, 3]
+    assert [f.tolist() for f in repeat_flags(train, 3, per_user=1)] == [
+        [True, False, True],
+        [False],
+    ]
+
+
+def test_weighted_loss_is_the_weighted_mean_of_token_losses() -> None:
+    from training.lm import lm_loss
+
+    torch.manual_seed(0)
+    model = build_model(RecommenderConfig(hidden=16, layers=1, heads=2), VOCAB).eval()
+    ids = torch.tensor([[VOCAB.bos_id, 3, 11, 4, 12], [VOCAB.bos_id, 5, 13, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    plain = lm_loss(model, ids, mask, 1.0, VOCAB.pad_id)
+    ones = torch.ones(2, 4)
+    torch.testing.assert_close(lm_loss(model, ids, mask, 1.0, VOCAB.pad_id, ones), plain)
+    w = torch.tensor([[3.0, 3.0, 1.0, 1.0], [1.0, 1.0, 7.0, 7.0]])  # padding weights ignored
+    logp = model(input_ids=ids, attention_mask=mask).logits[:, :-1].log_softmax(-1)
+    nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
+    real = mask[:, 1:].bool()
+    want = (nll * w)[real].sum() / w[real].sum()
+    torch.testing.assert_close(lm_loss(model, ids, mask, 1.0, VOCAB.pad_id, w), want)
+
+
+def test_training_with_a_repeat_weight_runs_and_logs_the_share(caplog) -> None:
+    import logging
+
+    codes = random_catalogue(N_ITEMS, VOCAB.levels, VOCAB.codebook_size, seed=3)
+    train, valid, _ = successor_data()
+    train = [s + s[:2] for s in train[:60]]  # every user revisits its first two items
+    cfg = LMTrainConfig(
+        model=RecommenderConfig(hidden=16, layers=1, heads=2, intermediate=32),
+        epochs=1,
+        batch_size=32,
+        window_items=6,
+        eval_users=10,
+        repeat_weight=3.0,
+    )
+    with caplog.at_level(logging.INFO, logger="training.lm"):
+        result = train_lm(train, valid[:10], codes, VOCAB, cfg, progress=False)
+    assert np.isfinite(result.history[0]["loss"])
+    assert "repeat targets" in caplog.text and "loss weight 3" in caplog.text
