@@ -134,7 +134,7 @@ STAGE_COMMANDS: dict[str, tuple[str, str]] = {
     "lm": ("train-lm", "Train the generative recommender (resumable); write lm/ into the bundle."),
     "evaluate": (
         "evaluate",
-        "Leave-one-out test of popularity, SASRec and the bundle's recommender.",
+        "Leave-one-out test of popularity, recent history, SASRec and the bundle's recommender.",
     ),
 }
 STAGES = list(STAGE_COMMANDS)

@@ -223,7 +223,8 @@ def stage_lm(ws: Workspace) -> dict[str, Any]:
 
 
 def stage_evaluate(ws: Workspace) -> dict[str, Any]:
-    """Test metrics of popularity, SASRec and the bundle's recommender -> report/eval.json."""
+    """Test metrics of popularity, recent history, SASRec and the bundle's recommender, each
+    with its repeat-visit breakdown where it has one -> report/eval.json."""
     bundle = Bundle.load(ws.out)
     split = ws.split()
     model = load_lm(bundle.lm_dir, ws.cfg.lm.device)
