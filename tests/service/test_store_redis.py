@@ -74,7 +74,9 @@ async def test_replicas_see_each_others_items_in_order(redis_server: RedisServer
         c1, c2 = free(a, 2)
         assert await commit(a, [entry("x", c1)]) == ["created"]
         assert await commit(b, [entry("y", c2)]) == ["created"]  # b synced x first
-        took = await eventually(lambda: a.live.row_of("y") is not None)
+        # the item becomes visible (applied in a worker thread) a loop turn before the version
+        # moves: wait for both
+        took = await eventually(lambda: a.live.row_of("y") is not None and a.version == 2)
         assert took < 1.0
         assert a.live.row_of("x") == b.live.row_of("x") == 30
         assert a.live.row_of("y") == b.live.row_of("y") == 31
