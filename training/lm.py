@@ -4,7 +4,8 @@ Every item position of a window of up to `window_items` items (history + target)
 prediction target: input `[bos] + codes(items)`, next-token cross-entropy on all code tokens.
 Ranking-guided generation loss (LETTER Eq. 8): cross-entropy on logits / tau.
 Windows are cut from the end of each user's training sequence without overlap, so every
-interaction is a target once per epoch; batches group windows of similar length (little
+interaction is a target once per epoch (optionally preceded by `context_items` earlier items
+that are seen but not scored); batches group windows of similar length (little
 padding). Early stopping on validation NDCG@10 from the real constrained beam search.
 """
 
@@ -45,6 +46,12 @@ class LMTrainConfig:
     weight_decay: float = 0.05
     window_items: int = 21
     """Items per training window (history of 20 + target, the paper's setting)."""
+    context_items: int = 0
+    """Items before each window fed as context without loss (0 = none). Without context a
+    target sees only the window's earlier items (0 to `window_items - 1`, about half the
+    history on average), while a test target sees a full history of 20: a model trained so
+    rarely sees, and cannot learn to copy, an earlier visit that a target repeats. With 10,
+    targets see 10 to 30 items (20 on average) for 1.5x the tokens per epoch."""
     max_windows_per_user: int = 0
     """Keep only the most recent windows of each user (0 = all); long-history datasets such as
     MovieLens train much faster with little loss of quality."""
@@ -102,46 +109,75 @@ class LMResult:
     history: list[dict[str, float]]
 
 
+def _bounds(
+    seq: list[int], window_items: int, per_user: int, context_items: int
+) -> list[tuple[int, int, int]]:
+    """(context start, target start, end) of each window of one user's sequence: targets are
+    cut from the end without overlap, each window preceded by up to `context_items` items."""
+    ends = list(range(len(seq), 0, -window_items))
+    out = []
+    for end in ends[:per_user] if per_user > 0 else ends:
+        start = max(0, end - window_items)
+        out.append((max(0, start - context_items), start, end))
+    return out
+
+
 def windows(
     train: list[list[int]],
     codes: np.ndarray,
     vocab: CodeVocab,
     window_items: int,
     per_user: int = 0,
+    context_items: int = 0,
 ) -> list[np.ndarray]:
-    """Token windows `[bos] + codes of <= window_items items`, cut from the end of each user
-    (at most `per_user` of them per user when > 0)."""
+    """Token windows `[bos] + codes of <= context_items + window_items items`, their targets cut
+    from the end of each user (at most `per_user` windows per user when > 0)."""
     tok = vocab.tokens(codes)  # [n_items, L]
     out = []
     for seq in train:
-        ends = list(range(len(seq), 0, -window_items))
-        for end in ends[:per_user] if per_user > 0 else ends:
-            chunk = seq[max(0, end - window_items) : end]
-            out.append(np.concatenate([[vocab.bos_id], tok[chunk].reshape(-1)]))
+        for ctx, _, end in _bounds(seq, window_items, per_user, context_items):
+            out.append(np.concatenate([[vocab.bos_id], tok[seq[ctx:end]].reshape(-1)]))
     return out
 
 
-def repeat_flags(train: list[list[int]], window_items: int, per_user: int = 0) -> list[np.ndarray]:
-    """Per window of `windows` (same order): for each of its items, whether it repeats one of
-    the user's previous `window_items - 1` items (items before the window count)."""
+def repeat_flags(
+    train: list[list[int]], window_items: int, per_user: int = 0, context_items: int = 0
+) -> list[np.ndarray]:
+    """Per window of `windows` (same order): for each of its items (context included),
+    whether it repeats one of the user's previous `window_items - 1` items (items before the
+    window count)."""
     out = []
     for seq in train:
-        ends = list(range(len(seq), 0, -window_items))
-        for end in ends[:per_user] if per_user > 0 else ends:
-            start = max(0, end - window_items)
+        for ctx, _, end in _bounds(seq, window_items, per_user, context_items):
             out.append(
                 np.array(
-                    [seq[g] in seq[max(0, g - window_items + 1) : g] for g in range(start, end)],
+                    [seq[g] in seq[max(0, g - window_items + 1) : g] for g in range(ctx, end)],
                     dtype=bool,
                 )
             )
     return out
 
 
-def token_weights(flags: np.ndarray, levels: int, weight: float) -> np.ndarray:
+def context_flags(
+    train: list[list[int]], window_items: int, per_user: int = 0, context_items: int = 0
+) -> list[np.ndarray]:
+    """Per window of `windows`: for each of its items, whether it is context only (no loss)."""
+    return [
+        np.arange(ctx, end) < start
+        for seq in train
+        for ctx, start, end in _bounds(seq, window_items, per_user, context_items)
+    ]
+
+
+def token_weights(
+    flags: np.ndarray, levels: int, weight: float, context: np.ndarray | None = None
+) -> np.ndarray:
     """Loss weight of each target token of a window (`[bos] + codes`, targets = tokens 1..):
-    `weight` for the code tokens of repeated items, 1 otherwise."""
-    return np.where(np.repeat(flags, levels), weight, 1.0).astype(np.float32)
+    `weight` for the code tokens of repeated items, 0 for context items, 1 otherwise."""
+    w = np.where(flags, weight, 1.0)
+    if context is not None:
+        w = np.where(context, 0.0, w)
+    return np.repeat(w, levels).astype(np.float32)
 
 
 def length_batches(
@@ -293,15 +329,22 @@ def train_lm(
     device = torch.device(cfg.device)
     rng = np.random.default_rng(cfg.seed)
     model = (model if model is not None else build_model(cfg.model, vocab, cfg.seed)).to(device)
-    wins = windows(train, codes, vocab, cfg.window_items, cfg.max_windows_per_user)
+    win_args = (cfg.window_items, cfg.max_windows_per_user, cfg.context_items)
+    wins = windows(train, codes, vocab, *win_args)
     tok_w = None
-    if cfg.repeat_weight != 1.0:
-        flags = repeat_flags(train, cfg.window_items, cfg.max_windows_per_user)
-        tok_w = [token_weights(f, vocab.levels, cfg.repeat_weight) for f in flags]
+    if cfg.repeat_weight != 1.0 or cfg.context_items > 0:
+        flags = repeat_flags(train, *win_args)
+        ctx = context_flags(train, *win_args)
+        tok_w = [
+            token_weights(f, vocab.levels, cfg.repeat_weight, c)
+            for f, c in zip(flags, ctx, strict=True)
+        ]
+        targets = np.concatenate(flags)[~np.concatenate(ctx)] if flags else np.zeros(1)
         log.info(
-            "repeat targets: %.2f%% of training items, loss weight %g",
-            100 * np.concatenate(flags).mean() if flags else 0.0,
+            "repeat targets: %.2f%% of training items, loss weight %g; %d context items",
+            100 * targets.mean(),
             cfg.repeat_weight,
+            cfg.context_items,
         )
     lengths = np.array([len(w) for w in wins])
     steps_per_epoch = -(-len(wins) // cfg.batch_size)

@@ -306,3 +306,55 @@ def test_training_with_a_repeat_weight_runs_and_logs_the_share(caplog) -> None:
         result = train_lm(train, valid[:10], codes, VOCAB, cfg, progress=False)
     assert np.isfinite(result.history[0]["loss"])
     assert "repeat targets" in caplog.text and "loss weight 3" in caplog.text
+
+
+def test_context_windows_show_earlier_items_without_scoring_them() -> None:
+    from training.lm import context_flags, repeat_flags, token_weights
+
+    train = [[0, 1, 2, 3, 4, 5, 6]]
+    codes = np.arange(20).reshape(10, 2) % 8
+    # targets cut from the end as before ([4,5,6], [1,2,3], [0]), each after up to 2 items
+    wins = windows(train, codes, VOCAB, window_items=3, context_items=2)
+    tok = VOCAB.tokens(codes)
+    assert [w[1:].tolist() for w in wins] == [
+        tok[[2, 3, 4, 5, 6]].reshape(-1).tolist(),
+        tok[[0, 1, 2, 3]].reshape(-1).tolist(),
+        tok[[0]].reshape(-1).tolist(),
+    ]
+    ctx = context_flags(train, 3, context_items=2)
+    assert [c.tolist() for c in ctx] == [
+        [True, True, False, False, False],
+        [True, False, False, False],
+        [False],
+    ]
+    flags = repeat_flags([[1, 2, 1, 3, 3]], 3, context_items=2)
+    assert [f.tolist() for f in flags] == [[False, False, True, False, True], [False, False]]
+    w = token_weights(flags[0], 2, 3.0, context_flags([[1, 2, 1, 3, 3]], 3, 0, 2)[0])
+    assert w.tolist() == [0, 0, 0, 0, 3, 3, 1, 1, 3, 3]
+    # every item is still a target exactly once per epoch
+    assert int((~np.concatenate(ctx)).sum()) == len(train[0])
+
+
+def test_context_items_let_a_one_item_window_learn_to_copy() -> None:
+    """With window_items=1 every target is alone in its window: without context the model
+    cannot see the item it should repeat; with context it learns to copy it."""
+    rng = np.random.default_rng(0)
+    codes = random_catalogue(N_ITEMS, VOCAB.levels, VOCAB.codebook_size, seed=5)
+    # every user visits a random item, then a second random one, then the first again
+    train = [[int(a), int(b), int(a)] for a, b in rng.integers(0, N_ITEMS, (400, 2)) if a != b]
+    valid = [(s[:2], s[0]) for s in train[:40]]
+    found = {}
+    for context in (0, 2):
+        cfg = LMTrainConfig(
+            model=RecommenderConfig(hidden=32, layers=2, heads=2, intermediate=64),
+            epochs=30,
+            batch_size=64,
+            lr=3e-3,
+            window_items=1,
+            context_items=context,
+            eval_every=30,
+            eval_users=40,
+        )
+        result = train_lm(train, valid, codes, VOCAB, cfg, progress=False)
+        found[context] = result.valid["ndcg@5"]
+    assert found[2] > 0.8 > 0.4 > found[0], found
