@@ -330,6 +330,15 @@ def train_lm(
     rng = np.random.default_rng(cfg.seed)
     model = (model if model is not None else build_model(cfg.model, vocab, cfg.seed)).to(device)
     win_args = (cfg.window_items, cfg.max_windows_per_user, cfg.context_items)
+    longest = 1 + (cfg.window_items + cfg.context_items) * vocab.levels
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and longest > max_pos:
+        raise ValueError(
+            f"lm.window_items + lm.context_items = {cfg.window_items + cfg.context_items} items"
+            f" make windows of {longest} tokens, more than the model's"
+            f" max_position_embeddings {max_pos}: lower them or raise the vocabulary's"
+            " history_items"
+        )
     wins = windows(train, codes, vocab, *win_args)
     tok_w = None
     if cfg.repeat_weight != 1.0 or cfg.context_items > 0:

@@ -358,3 +358,16 @@ def test_context_items_let_a_one_item_window_learn_to_copy() -> None:
         result = train_lm(train, valid, codes, VOCAB, cfg, progress=False)
         found[context] = result.valid["ndcg@5"]
     assert found[2] > 0.8 > 0.4 > found[0], found
+
+
+def test_windows_longer_than_the_model_positions_are_refused() -> None:
+    codes = random_catalogue(N_ITEMS, VOCAB.levels, VOCAB.codebook_size, seed=3)
+    train, valid, _ = successor_data()
+    cfg = LMTrainConfig(
+        model=RecommenderConfig(hidden=16, layers=1, heads=2, intermediate=32),
+        epochs=1,
+        window_items=21,
+        context_items=20,  # 1 + 41 * 2 = 83 tokens > 64 positions (history_items 5)
+    )
+    with pytest.raises(ValueError, match="context_items = 41 items.*max_position_embeddings 64"):
+        train_lm(train, valid[:5], codes, VOCAB, cfg, progress=False)
