@@ -341,8 +341,9 @@ def test_context_items_let_a_one_item_window_learn_to_copy() -> None:
     rng = np.random.default_rng(0)
     codes = random_catalogue(N_ITEMS, VOCAB.levels, VOCAB.codebook_size, seed=5)
     # every user visits a random item, then a second random one, then the first again
-    train = [[int(a), int(b), int(a)] for a, b in rng.integers(0, N_ITEMS, (400, 2)) if a != b]
-    valid = [(s[:2], s[0]) for s in train[:40]]
+    seqs = [[int(a), int(b), int(a)] for a, b in rng.integers(0, N_ITEMS, (440, 2)) if a != b]
+    train = seqs[:-40]
+    valid = [(s[:2], s[0]) for s in seqs[-40:]]  # users not seen in training
     found = {}
     for context in (0, 2):
         cfg = LMTrainConfig(
