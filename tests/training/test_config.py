@@ -39,3 +39,10 @@ def test_profiles_registry():
     with pytest.raises(ValueError, match="unknown profile 'x'; valid: \\['full', 'quick'\\]"):
         get_profile("x")
     assert get_profile("quick").with_device("cuda").lm.device == "cuda"
+
+
+def test_the_full_profile_is_the_recipe_it_names() -> None:
+    from training.config import FULL_RECIPE
+
+    path = ROOT / "benchmarks" / "configs" / f"{FULL_RECIPE}.json"
+    assert get_profile("full") == load_config(path)
