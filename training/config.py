@@ -78,7 +78,7 @@ def load_config(path: str | Path) -> PipelineConfig:
     return _from_dict(PipelineConfig, d)
 
 
-FULL_RECIPE = "yelp-cpu-dropout-ctx10-repeat3-256"
+FULL_RECIPE = "yelp-cpu-dropout-ctx10-repeat10-256"
 """The experiment file under benchmarks/configs/ that the `full` profile reproduces."""
 
 PROFILES: dict[str, PipelineConfig] = {
@@ -101,7 +101,7 @@ PROFILES: dict[str, PipelineConfig] = {
             patience=3,
             beam_width=20,
             hidden_dropout=0.3,
-            repeat_weight=3.0,
+            repeat_weight=10.0,
             context_items=10,
             bf16=True,
         ),
