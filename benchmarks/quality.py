@@ -34,7 +34,7 @@ METRICS = ["recall@5", "recall@10", "ndcg@5", "ndcg@10"]
 RECENT = "Recent history"
 """The repeat baseline's row (training.evaluate.evaluate_recent): not in the paper."""
 REPEAT_COLUMNS = ["history_share@10", "recall@10_repeat", "recall@10_new"]
-SHARED = ("data.json", "embeddings.npy", "embeddings.json", "cf.npy", "sasrec.json")
+SHARED = ("data.json", "embeddings.npy", "embeddings.json", "cf.npy", "sasrec.json", "sasrec.pt")
 
 
 def variants(cfg: PipelineConfig, taus: list[float]) -> dict[str, tuple[float, float, float]]:

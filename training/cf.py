@@ -49,6 +49,8 @@ class CFResult:
     seconds: float
     config: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+    model: SASRec | None = None
+    """The trained model (best validation state), the recommender's distillation teacher."""
 
 
 def left_pad(seqs: list[list[int]], length: int, shift: int = 1) -> torch.Tensor:
@@ -155,4 +157,4 @@ def train_sasrec(split: Split, n_items: int, cfg: CFTrainConfig, progress: bool 
     seconds = time.perf_counter() - t0
     log.info("SASRec: %d epochs in %.0f s; test %s", epoch + 1, seconds, test)
     emb = model.item_embeddings().detach().float().cpu().numpy().copy()
-    return CFResult(emb, valid, test, epoch + 1, seconds, asdict(cfg), history)
+    return CFResult(emb, valid, test, epoch + 1, seconds, asdict(cfg), history, model.eval())

@@ -28,6 +28,7 @@ from models.decoders import make_decoder
 from models.recommender import RecommenderConfig, build_model
 from models.trie import ItemTrie
 from models.vocab import CodeVocab
+from training.distill import Teacher, code_targets
 from training.metrics import ranks_from_lists, summarize
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,15 @@ class LMTrainConfig:
     average, which is smoother than the last step's weights on small, noisy data."""
     bf16: bool = False
     """bfloat16 autocast for the forward pass (CUDA, or CPUs with bf16 support)."""
+    distill: float = 0.0
+    """Weight of distillation from the pipeline's SASRec (0 = off, 1 = teacher only): each code
+    token's loss is (1 - distill) x cross-entropy on the true code + distill x cross-entropy
+    against SASRec's item distribution mapped onto the codes that follow the true prefix
+    (`training.distill`). Training only: the served model is the plain recommender."""
+    distill_top_k: int = 256
+    """Teacher items kept per training target (the sparse teacher)."""
+    distill_temperature: float = 1.0
+    """Temperature of the teacher's softmax (> 1 flattens it)."""
     seed: int = 0
     device: str = "cpu"
 
@@ -107,6 +117,14 @@ class LMResult:
     seconds: float
     tokens_per_s: float
     history: list[dict[str, float]]
+
+
+def window_bounds(
+    train: list[list[int]], window_items: int, per_user: int = 0, context_items: int = 0
+) -> list[list[tuple[int, int, int]]]:
+    """Per user, the (context start, target start, end) of each of its windows, in the order
+    of `windows`."""
+    return [_bounds(seq, window_items, per_user, context_items) for seq in train]
 
 
 def _bounds(
@@ -209,6 +227,17 @@ def ranking_guided_loss(
     )
 
 
+def level_index(vocab: CodeVocab, positions: int) -> torch.Tensor:
+    """[positions, N]: the token ids of the level predicted at each target position of a
+    window (`[bos] + codes`, target j is level j % L)."""
+    j = torch.arange(positions)
+    return (
+        vocab.code_offset
+        + (j % vocab.levels)[:, None] * vocab.codebook_size
+        + torch.arange(vocab.codebook_size)[None, :]
+    )
+
+
 def lm_loss(
     model: torch.nn.Module,
     ids: torch.Tensor,
@@ -216,21 +245,50 @@ def lm_loss(
     tau: float,
     pad: int,
     weights: torch.Tensor | None = None,
+    soft: tuple[torch.Tensor, torch.Tensor, float, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Next-token ranking-guided loss over the real tokens; with `weights` [B, T-1] (one per
-    target token, zero on padding) the weighted mean instead of the mean."""
+    target token, zero on padding) the weighted mean instead of the mean. With `soft` = (q
+    [B, T-1, N], has [B, T-1], weight, level_index [T-1, N]) each code token where `has` mixes
+    the cross-entropy on the true token with (weight) the cross-entropy against q over the
+    tokens of its level (distillation, `training.distill`)."""
     logits = model(input_ids=ids, attention_mask=mask).logits  # [B, T, V]
     targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    if weights is None:
+    if weights is None and soft is None:
         return ranking_guided_loss(logits[:, :-1], targets, tau, -100)
-    per_token = F.cross_entropy(
-        (logits[:, :-1] / tau).flatten(0, 1).float(),
-        targets.flatten(),
-        ignore_index=-100,
-        reduction="none",
-    )
-    w = weights.flatten() * (targets.flatten() != -100)
+    logp = F.log_softmax((logits[:, :-1] / tau).float(), -1)  # [B, T-1, V]
+    valid = targets != -100
+    per_token = -logp.gather(2, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
+    if soft is not None:
+        q, has, lam, index = soft
+        level_logp = logp.gather(2, index[None].expand(ids.shape[0], -1, -1).to(ids.device))
+        kd = -(q * level_logp).sum(-1)
+        per_token = torch.where(has, (1 - lam) * per_token + lam * kd, per_token)
+    w = (torch.ones_like(per_token) if weights is None else weights) * valid
     return (per_token * w).sum() / w.sum().clamp_min(1e-9)
+
+
+def soft_targets(
+    teacher: Teacher,
+    idx: np.ndarray,
+    ids: torch.Tensor,
+    codes: torch.Tensor,
+    vocab: CodeVocab,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [B, T-1, N], has [B, T-1]) for the windows `idx` of a batch `ids` [B, T]."""
+    b, t = ids.shape
+    n = (t - 1) // vocab.levels
+    k = teacher.items.shape[1]
+    items = torch.zeros(b, n, k, dtype=torch.long)
+    probs = torch.zeros(b, n, k)
+    for r, w in enumerate(idx):
+        it, pr = teacher.window(int(w))
+        items[r, : len(it)] = torch.from_numpy(it.astype(np.int64))
+        probs[r, : len(pr)] = torch.from_numpy(pr)
+    tok = ids[:, 1:].cpu().reshape(b, n, vocab.levels)
+    target_codes = tok - vocab.code_offset - torch.arange(vocab.levels) * vocab.codebook_size
+    q, has = code_targets(items, probs, target_codes, codes, vocab.codebook_size)
+    return q.reshape(b, n * vocab.levels, -1), has.reshape(b, n * vocab.levels)
 
 
 @torch.no_grad()
@@ -323,9 +381,15 @@ def train_lm(
     checkpoint: Path | None = None,
     progress: bool = True,
     model: torch.nn.Module | None = None,
+    teacher: Teacher | None = None,
 ) -> LMResult:
     """Train from scratch, or `model` (e.g. a LoRA-wrapped pretrained LM), or resume from
-    `checkpoint`; keeps the best validation state."""
+    `checkpoint`; keeps the best validation state. `teacher` (for `cfg.distill` > 0): the
+    SASRec distributions of `training.distill.teacher_topk` over the same windows."""
+    if cfg.distill > 0 and teacher is None:
+        raise ValueError("lm.distill > 0 needs a teacher (training.distill.teacher_topk)")
+    if not 0 <= cfg.distill <= 1:
+        raise ValueError(f"lm.distill must be in [0, 1], got {cfg.distill}")
     device = torch.device(cfg.device)
     rng = np.random.default_rng(cfg.seed)
     model = (model if model is not None else build_model(cfg.model, vocab, cfg.seed)).to(device)
@@ -340,6 +404,13 @@ def train_lm(
             " history_items"
         )
     wins = windows(train, codes, vocab, *win_args)
+    if teacher is not None and len(teacher.offsets) != len(wins) + 1:
+        raise ValueError(
+            f"the teacher covers {len(teacher.offsets) - 1} windows, training has {len(wins)}:"
+            " it must be computed with the same window settings"
+        )
+    codes_t = torch.from_numpy(np.asarray(codes, dtype=np.int64))
+    index = level_index(vocab, longest - 1)
     tok_w = None
     if cfg.repeat_weight != 1.0 or cfg.context_items > 0:
         flags = repeat_flags(train, *win_args)
@@ -407,8 +478,13 @@ def train_lm(
                 for r, i in enumerate(idx):
                     weights[r, : len(tok_w[i])] = torch.from_numpy(tok_w[i])
                 weights = weights.to(device)
+            soft = None
+            if cfg.distill > 0 and teacher is not None:
+                q, has = soft_targets(teacher, idx, ids, codes_t, vocab)
+                t1 = ids.shape[1] - 1
+                soft = (q.to(device), has.to(device), cfg.distill, index[:t1])
             with autocast:
-                loss = lm_loss(model, ids, mask, cfg.tau, vocab.pad_id, weights)
+                loss = lm_loss(model, ids, mask, cfg.tau, vocab.pad_id, weights, soft)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -20,9 +20,10 @@ from models.vocab import CodeVocab
 from training.cf import train_sasrec
 from training.config import PipelineConfig
 from training.data import Dataset, Split, k_core, leave_one_out, load_dataset
+from training.distill import load_sasrec, save_sasrec, teacher_topk
 from training.embed import embed_texts, item_texts
 from training.evaluate import evaluate_generative, evaluate_popularity, evaluate_recent
-from training.lm import train_lm
+from training.lm import train_lm, window_bounds
 from training.tokenizer import TokenizerResult, train_tokenizer
 from training.tokenizer_report import (
     plot_code_frequency,
@@ -101,6 +102,7 @@ def stage_cf(ws: Workspace) -> dict[str, Any]:
     res = train_sasrec(ws.split(), ds.n_items, ws.cfg.cf, progress=ws.progress)
     ws.stages.mkdir(parents=True, exist_ok=True)
     np.save(ws.stages / "cf.npy", res.embeddings)
+    save_sasrec(res.model, ws.stages / "sasrec.pt")
     summary = {
         "valid": res.valid,
         "test": res.test,
@@ -199,6 +201,20 @@ def stage_lm(ws: Workspace) -> dict[str, Any]:
         return {**json.loads((ws.stages / "lm.json").read_text()), "skipped": True}
     bundle = Bundle.load(ws.out)
     split = ws.split()
+    lcfg = ws.cfg.lm
+    teacher = None
+    if lcfg.distill > 0:
+        teacher = teacher_topk(
+            load_sasrec(ws.stages / "sasrec.pt", lcfg.device),
+            split.train,
+            window_bounds(
+                split.train, lcfg.window_items, lcfg.max_windows_per_user, lcfg.context_items
+            ),
+            bundle.vocab.history_items,
+            lcfg.distill_top_k,
+            lcfg.distill_temperature,
+            progress=ws.progress,
+        )
     res = train_lm(
         split.train,
         split.valid,
@@ -207,6 +223,7 @@ def stage_lm(ws: Workspace) -> dict[str, Any]:
         ws.cfg.lm,
         checkpoint=ws.stages / "lm_checkpoint.pt",
         progress=ws.progress,
+        teacher=teacher,
     )
     save_lm(res.model, bundle.vocab, bundle.lm_dir, extra={"train": ws.cfg.lm.to_dict()})
     summary = {
