@@ -111,6 +111,7 @@ def _run(stage: str, ws) -> dict[str, Any]:  # noqa: ANN001
         "cf": pipeline.stage_cf,
         "tokenizer": pipeline.stage_tokenizer,
         "lm": pipeline.stage_lm,
+        "mode": pipeline.stage_mode,
         "evaluate": pipeline.stage_evaluate,
     }[stage]
     try:
@@ -132,9 +133,15 @@ STAGE_COMMANDS: dict[str, tuple[str, str]] = {
         "Train the LETTER tokenizer; write tokenizer/, catalogue.parquet, manifest.json, report/.",
     ),
     "lm": ("train-lm", "Train the generative recommender (resumable); write lm/ into the bundle."),
+    "mode": (
+        "fit-mode",
+        "Choose the recommendation mode (plain, history excluded, repeat-aware) and fit the "
+        "repeat prior on validation users; write them into the manifest.",
+    ),
     "evaluate": (
         "evaluate",
-        "Leave-one-out test of popularity, recent history, SASRec and the bundle's recommender.",
+        "Leave-one-out test of popularity, recent history, SASRec and the bundle's recommender "
+        "(plain and repeat-aware), with bootstrap standard errors.",
     ),
 }
 STAGES = list(STAGE_COMMANDS)

@@ -109,6 +109,11 @@ class Manifest:
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     git_commit: str = field(default_factory=git_commit)
     format_version: int = FORMAT_VERSION
+    recommend: dict[str, Any] = field(default_factory=dict)
+    """Recommendation defaults chosen on validation (`training.repeat`): `mode` ('plain',
+    'exclude_history' or 'repeat'), `repeat_prior` (models.repeat.RepeatPrior) and the
+    validation figures behind the choice. Empty in bundles without a fitted recommender:
+    the service then excludes history items, as before."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -118,6 +123,7 @@ class Manifest:
             "config": self.config,
             "data": self.data,
             "vocab": self.vocab.to_dict(),
+            "recommend": self.recommend,
         }
 
     @classmethod
@@ -137,6 +143,7 @@ class Manifest:
             created_at=d.get("created_at", ""),
             git_commit=d.get("git_commit", "unknown"),
             format_version=version,
+            recommend=d.get("recommend", {}),
         )
 
 

@@ -13,13 +13,14 @@ def test_help_lists_every_stage_and_serving_command():
         "cf",
         "tokenizer",
         "train-lm",
+        "fit-mode",
         "evaluate",
         "pipeline",
         "serve",
         "demo",
     ]:
         assert name in out
-    assert STAGES == ["data", "embed", "cf", "tokenizer", "lm", "evaluate"]
+    assert STAGES == ["data", "embed", "cf", "tokenizer", "lm", "mode", "evaluate"]
 
 
 def test_data_summary_of_a_small_dataset(tmp_path):

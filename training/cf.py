@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from models.sasrec import SASRec, SASRecConfig
 from training.data import Split
-from training.metrics import repeats, summarize, target_ranks
+from training.metrics import repeats, standard_errors, summarize, target_ranks
 
 log = logging.getLogger(__name__)
 
@@ -90,19 +90,27 @@ def _length_batches(lengths: np.ndarray, batch_size: int, gen: torch.Generator) 
 
 @torch.no_grad()
 def evaluate(
-    model: SASRec, pairs: list[tuple[list[int], int]], batch: int = 512
+    model: SASRec,
+    pairs: list[tuple[list[int], int]],
+    batch: int = 512,
+    with_se: bool = False,
+    history_items: int | None = None,
 ) -> dict[str, float]:
+    """Full-ranking metrics (and their bootstrap standard errors with `with_se`), seeing at
+    most `history_items` (default: the model's max_len) of each history."""
     model.eval()
     device = next(model.parameters()).device
     ranks, top = [], []
     for s in range(0, len(pairs), batch):
         chunk = pairs[s : s + batch]
-        length = max(1, min(model.config.max_len, max(len(h) for h, _ in chunk)))
+        cap = min(model.config.max_len, history_items or model.config.max_len)
+        length = max(1, min(cap, max(len(h) for h, _ in chunk)))
         seq = left_pad([h for h, _ in chunk], length).to(device)
         scores = model.full_sort_predict(seq).float()
         top.extend(scores.topk(min(10, scores.shape[1]), dim=1).indices.tolist())
         ranks.append(target_ranks(scores.cpu().numpy(), np.array([t for _, t in chunk])))
-    out = summarize(np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64))
+    all_ranks = np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
+    out = summarize(all_ranks) | (standard_errors(all_ranks) if with_se else {})
     return out | repeats(top, pairs) if pairs else out
 
 

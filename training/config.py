@@ -25,6 +25,9 @@ class PipelineConfig:
     cf: CFTrainConfig = field(default_factory=CFTrainConfig)
     tokenizer: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
     lm: LMTrainConfig = field(default_factory=LMTrainConfig)
+    mode_users: int = 10000
+    """Validation users (a fixed random subset) on which the recommendation mode and the
+    repeat prior are chosen (`letterrec fit-mode`); 0 = all."""
     ablation: bool = True
     """Also train an alpha = 0 tokenizer to measure what CF alignment adds (report only)."""
 

@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.repeat import RepeatPrior, rerank
 from models.trie import ItemTrie
 from models.vocab import CodeVocab
-from training.lm import recommend
-from training.metrics import ranks_from_lists, repeats, summarize
+from training.metrics import ranks_from_lists, repeats, standard_errors, summarize
+from training.repeat import candidates, excluded_lists
 
 
 def item_popularity(train: list[list[int]], n_items: int) -> np.ndarray:
@@ -43,7 +44,12 @@ def evaluate_popularity(
     top = np.argsort(-pop, kind="stable")[:10].tolist()
     recs = [top] * len(pairs)
     ranks = ranks_from_lists(recs, [t for _, t in pairs])
-    return {**summarize(ranks), **beyond_accuracy(recs, pop), **repeats(recs, pairs)}
+    return {
+        **summarize(ranks),
+        **standard_errors(ranks),
+        **beyond_accuracy(recs, pop),
+        **repeats(recs, pairs),
+    }
 
 
 def recent_items(
@@ -74,7 +80,24 @@ def evaluate_recent(
     ranks = ranks_from_lists(recs, [t for _, t in pairs])
     return {
         **summarize(ranks),
+        **standard_errors(ranks),
         **beyond_accuracy(recs, pop),
+        **repeats(recs, pairs, history_items),
+    }
+
+
+def list_metrics(
+    recs: list[list[int]],
+    pairs: list[tuple[list[int], int]],
+    popularity: np.ndarray,
+    history_items: int,
+) -> dict[str, Any]:
+    """Accuracy with standard errors, beyond-accuracy and repeat breakdown of top-10 lists."""
+    ranks = ranks_from_lists(recs, [t for _, t in pairs])
+    return {
+        **summarize(ranks),
+        **standard_errors(ranks),
+        **beyond_accuracy(recs, popularity),
         **repeats(recs, pairs, history_items),
     }
 
@@ -88,20 +111,31 @@ def evaluate_generative(
     beam_width: int = 20,
     batch_size: int = 256,
     progress: bool = True,
-) -> dict[str, Any]:
+    prior: RepeatPrior | None = None,
+    exclude_history: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """The recommender's rows: 'plain' (beam search, the paper's protocol) and, from the same
+    beams, 'repeat' (repeat-aware with `prior`) when a prior is given, and 'exclude_history'
+    (history excluded inside the search) when asked."""
     trie = ItemTrie.from_codes(codes, vocab.codebook_size)
-    t0 = time.perf_counter()
-    recs = recommend(
-        model, [h for h, _ in pairs], codes, vocab, trie, 10, beam_width, batch_size, progress
-    )
-    seconds = time.perf_counter() - t0
-    ranks = ranks_from_lists(recs, [t for _, t in pairs])
     pop = item_popularity(train, len(codes))
-    return {
-        **summarize(ranks),
-        **beyond_accuracy(recs, pop),
-        **repeats(recs, pairs, vocab.history_items),
-        "eval_seconds": seconds,
-        "users": len(pairs),
-        "users_per_s": len(pairs) / max(seconds, 1e-9),
+    t0 = time.perf_counter()
+    cand = candidates(model, pairs, codes, vocab, trie, beam_width, batch_size, progress)
+    seconds = time.perf_counter() - t0
+    plain = [[i for i in r if i >= 0][:10] for r in cand.beam.items.tolist()]
+    timing = {"users": len(pairs)}
+    rows = {
+        "plain": {
+            **list_metrics(plain, pairs, pop, vocab.history_items),
+            **timing,
+            "eval_seconds": seconds,
+            "users_per_s": len(pairs) / max(seconds, 1e-9),
+        }
     }
+    if prior is not None:
+        recs = rerank(cand, prior, 10)[0]
+        rows["repeat"] = {**list_metrics(recs, pairs, pop, vocab.history_items), **timing}
+    if exclude_history:
+        recs = excluded_lists(model, pairs, codes, vocab, trie, beam_width, batch_size)
+        rows["exclude_history"] = {**list_metrics(recs, pairs, pop, vocab.history_items), **timing}
+    return rows

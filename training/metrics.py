@@ -60,3 +60,31 @@ def repeats(
         "recall@10_repeat": float(hits[rep].mean()) if rep.any() else 0.0,
         "recall@10_new": float(hits[~rep].mean()) if (~rep).any() else 0.0,
     }
+
+
+def gains_at(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Per-user NDCG@k gains (the mean is `ndcg_at`)."""
+    return np.where(ranks < k, 1.0 / np.log2(np.minimum(ranks, k) + 2.0), 0.0)
+
+
+def bootstrap_se(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> float:
+    """Standard error of the mean of per-user `values` by bootstrap over users: the standard
+    deviation of the means of `n_boot` resamples (with replacement) of the users."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return 0.0
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    for b in range(n_boot):
+        means[b] = values[rng.integers(0, len(values), len(values))].mean()
+    return float(means.std(ddof=1))
+
+
+def standard_errors(ranks: np.ndarray, ks: tuple[int, ...] = (5, 10)) -> dict[str, float]:
+    """Bootstrap standard errors of `summarize`'s metrics, as `se_<metric>` keys."""
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"se_recall@{k}"] = bootstrap_se((ranks < k).astype(np.float64))
+    for k in ks:
+        out[f"se_ndcg@{k}"] = bootstrap_se(gains_at(ranks, k))
+    return out

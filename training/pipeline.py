@@ -17,6 +17,7 @@ from models.item_tokenizer import TextTemplate
 from models.recommender import load_lm, save_lm
 from models.text_encoder import TextEncoder
 from models.vocab import CodeVocab
+from training.cf import evaluate as sasrec_evaluate
 from training.cf import train_sasrec
 from training.config import PipelineConfig
 from training.data import Dataset, Split, k_core, leave_one_out, load_dataset
@@ -24,6 +25,7 @@ from training.distill import load_sasrec, save_sasrec, teacher_topk
 from training.embed import embed_texts, item_texts
 from training.evaluate import evaluate_generative, evaluate_popularity, evaluate_recent
 from training.lm import train_lm, window_bounds
+from training.repeat import choose_mode, default_prior
 from training.tokenizer import TokenizerResult, train_tokenizer
 from training.tokenizer_report import (
     plot_code_frequency,
@@ -239,12 +241,44 @@ def stage_lm(ws: Workspace) -> dict[str, Any]:
     return summary
 
 
+def stage_mode(ws: Workspace) -> dict[str, Any]:
+    """Choose the recommendation mode (plain, history excluded, repeat-aware) and fit the
+    repeat prior on validation users -> manifest `recommend`, report/mode.json."""
+    bundle = Bundle.load(ws.out)
+    if ws.done("mode.json") and bundle.manifest.recommend:
+        return {**json.loads((ws.stages / "mode.json").read_text()), "skipped": True}
+    split = ws.split()
+    valid = split.valid
+    if 0 < ws.cfg.mode_users < len(valid):
+        pick = np.random.default_rng(ws.cfg.lm.seed + 2).permutation(len(valid))
+        valid = [valid[i] for i in sorted(pick[: ws.cfg.mode_users])]
+    model = load_lm(bundle.lm_dir, ws.cfg.lm.device)
+    t0 = time.perf_counter()
+    chosen = choose_mode(
+        model,
+        valid,
+        bundle.catalogue.codes,
+        bundle.vocab,
+        ws.cfg.lm.beam_width,
+        progress=ws.progress,
+    )
+    bundle.manifest.recommend = chosen
+    bundle.save()
+    summary = {**chosen, "seconds": time.perf_counter() - t0}
+    write_json(summary, ws.out / "report" / "mode.json")
+    write_json(summary, ws.stages / "mode.json")
+    return summary
+
+
 def stage_evaluate(ws: Workspace) -> dict[str, Any]:
-    """Test metrics of popularity, recent history, SASRec and the bundle's recommender, each
-    with its repeat-visit breakdown where it has one -> report/eval.json."""
+    """Test metrics with bootstrap standard errors of popularity, recent history, SASRec and
+    the bundle's recommender (plain, and in its validation-chosen mode when that is not plain;
+    the repeat-aware row whenever a prior was fitted), each with its repeat-visit breakdown
+    -> report/eval.json."""
     bundle = Bundle.load(ws.out)
     split = ws.split()
     model = load_lm(bundle.lm_dir, ws.cfg.lm.device)
+    recommend = bundle.manifest.recommend
     gen = evaluate_generative(
         model,
         split.train,
@@ -253,17 +287,33 @@ def stage_evaluate(ws: Workspace) -> dict[str, Any]:
         bundle.vocab,
         ws.cfg.lm.beam_width,
         progress=ws.progress,
+        prior=default_prior(recommend) if recommend else None,
+        exclude_history=recommend.get("mode") == "exclude_history",
     )
-    sasrec = json.loads((ws.stages / "sasrec.json").read_text())["test"]
     rows = {
         "popularity": evaluate_popularity(split.train, split.test, ws.dataset().n_items),
         "recent": evaluate_recent(
             split.train, split.test, ws.dataset().n_items, bundle.vocab.history_items
         ),
-        "sasrec": sasrec,
-        "letterrec": gen,
+        "sasrec": _sasrec_test(ws, bundle.vocab.history_items),
+        "letterrec": gen["plain"],
     }
+    if "repeat" in gen:
+        rows["letterrec_repeat"] = gen["repeat"]
+    if "exclude_history" in gen:
+        rows["letterrec_exclude_history"] = gen["exclude_history"]
     write_json(rows, ws.out / "report" / "eval.json")
     return {
-        name: {k: round(v, 4) for k, v in r.items() if "@" in k} for name, r in rows.items()
-    } | {"eval_seconds": gen["eval_seconds"]}
+        name: {k: round(v, 4) for k, v in r.items() if "@" in k and "se_" not in k}
+        for name, r in rows.items()
+    } | {"eval_seconds": gen["plain"]["eval_seconds"], "mode": recommend.get("mode", "")}
+
+
+def _sasrec_test(ws: Workspace, history_items: int) -> dict[str, Any]:
+    """SASRec's test row, re-scored from its saved weights (with standard errors, on the same
+    history length as the other rows); the cf stage's figures for older stage directories."""
+    path = ws.stages / "sasrec.pt"
+    if not path.exists():
+        return json.loads((ws.stages / "sasrec.json").read_text())["test"]
+    model = load_sasrec(path, ws.cfg.cf.device)
+    return sasrec_evaluate(model, ws.split().test, with_se=True, history_items=history_items)
