@@ -177,7 +177,8 @@ def _merged(cand: RepeatCandidates) -> tuple[np.ndarray, ...]:
     beam_items, beam_scores = cand.beam.items.tolist(), cand.beam.scores.tolist()
     rows = []
     for u in range(len(cand.items)):
-        merged = {i: (s, 0, 0.0, 0.0) for i, s in zip(beam_items[u], beam_scores[u]) if i >= 0}
+        beam = zip(beam_items[u], beam_scores[u], strict=True)
+        merged = {i: (s, 0, 0.0, 0.0) for i, s in beam if i >= 0}
         for i, s, p, v in zip(
             cand.items[u], cand.scores[u], cand.position[u], cand.visits[u], strict=True
         ):
