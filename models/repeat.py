@@ -144,24 +144,49 @@ def repeat_candidates(
     )
 
 
+def rerank_one(
+    beam_items: Sequence[int],
+    beam_scores: Sequence[float],
+    items: Sequence[int],
+    scores: Sequence[float],
+    position: np.ndarray,
+    visits: np.ndarray,
+    prior: RepeatPrior,
+    k: int,
+) -> list[tuple[int, float, bool]]:
+    """One user's top-k (item, combined score, from the history) over the beam's items and the
+    recent items; a beam item that is also a recent item is scored once, with the prior. Ties
+    go to the lower item index."""
+    merged: dict[int, tuple[float, bool]] = {
+        i: (float(s), False) for i, s in zip(beam_items, beam_scores, strict=True) if i >= 0
+    }
+    if len(items):
+        boost = prior.of(np.asarray(position, dtype=np.float64), np.asarray(visits, np.float64))
+        for i, s, p in zip(items, scores, boost, strict=True):
+            merged[int(i)] = (float(s + p), True)
+    ranked = sorted(merged.items(), key=lambda kv: (-kv[1][0], kv[0]))[:k]
+    return [(i, s, h) for i, (s, h) in ranked]
+
+
 def rerank(
     cand: RepeatCandidates, prior: RepeatPrior, k: int
 ) -> tuple[list[list[int]], list[list[float]]]:
-    """Top-k items and their combined scores per user (history items get the prior; a beam item
-    that is also a history item is scored once, with the prior)."""
+    """Top-k items and their combined scores per user (`rerank_one` with one prior for all)."""
     out_items, out_scores = [], []
     beam_items, beam_scores = cand.beam.items.tolist(), cand.beam.scores.tolist()
     for u in range(len(cand.items)):
-        scores: dict[int, float] = {
-            i: s for i, s in zip(beam_items[u], beam_scores[u], strict=True) if i >= 0
-        }
-        if len(cand.items[u]):
-            boost = prior.of(cand.position[u], cand.visits[u])
-            for i, s, p in zip(cand.items[u], cand.scores[u], boost, strict=True):
-                scores[i] = float(s + p)
-        ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
-        out_items.append([i for i, _ in ranked])
-        out_scores.append([s for _, s in ranked])
+        ranked = rerank_one(
+            beam_items[u],
+            beam_scores[u],
+            cand.items[u],
+            cand.scores[u],
+            cand.position[u],
+            cand.visits[u],
+            prior,
+            k,
+        )
+        out_items.append([i for i, _, _ in ranked])
+        out_scores.append([s for _, s, _ in ranked])
     return out_items, out_scores
 
 

@@ -28,6 +28,8 @@ from service.routes import ROUTERS
 from service.serving import (
     CatalogueFull,
     Conflict,
+    InvalidRequest,
+    RecommendDefaults,
     ServingRecommend,
     ServingTokenize,
     Unavailable,
@@ -113,7 +115,12 @@ async def _start(settings: Settings, metrics: Metrics) -> ServiceState:
         engine=engine,
         batcher=batcher,
         recommend=ServingRecommend(
-            store, bundle.vocab, batcher, version, settings.request_timeout_s
+            store,
+            bundle.vocab,
+            batcher,
+            version,
+            settings.request_timeout_s,
+            RecommendDefaults.from_manifest(bundle.manifest.recommend),
         ),
         tokenize=ServingTokenize(store, tokenizer, metrics),
         model_version=version,
@@ -287,6 +294,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Conflict)
     async def _conflict(request: Request, exc: Conflict) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status.HTTP_409_CONFLICT)
+
+    @app.exception_handler(InvalidRequest)
+    async def _contradiction(request: Request, exc: InvalidRequest) -> JSONResponse:
+        # The same shape as a validation error, so clients parse one format.
+        detail = [{"loc": ["body", *exc.loc.split(".")], "msg": str(exc), "type": "value_error"}]
+        return JSONResponse({"detail": detail}, status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
 class BodySizeLimit:

@@ -43,8 +43,13 @@ class RecommendRequest(_Strict):
     """How many items to return."""
     exclude: list[ItemId] = Field(default_factory=list, max_length=MAX_EXCLUDE)
     """Item ids that must not be returned (exact: excluded inside the search)."""
-    exclude_history: bool = True
-    """Also exclude the (known) history items."""
+    exclude_history: bool | None = None
+    """Also exclude the (known) history items. Default: the bundle's validation-chosen mode
+    (manifest `recommend.mode`; history excluded for bundles without one)."""
+    repeat: bool | None = None
+    """Repeat-aware mode: the user's recent items compete with the beam's, each scored exactly
+    by the model plus a repeat prior fitted on validation (needs the history not excluded).
+    Default: on when the bundle's chosen mode is 'repeat'."""
 
     model_config = ConfigDict(
         json_schema_extra={"examples": [{"history": ["1", "2"], "k": 10, "exclude": []}]}
@@ -57,11 +62,17 @@ class RecommendedItem(BaseModel):
     """Sum over the identifier's tokens of the masked log-softmax (a log-probability)."""
     codes: list[int]
     title: str
+    from_history: bool = False
+    """Recommended again from the user's history by the repeat-aware mode (its score then
+    includes the repeat prior)."""
 
 
 class RecommendResponse(BaseModel):
     items: list[RecommendedItem]
     model_version: str
+    mode: Literal["plain", "exclude_history", "repeat"] = "plain"
+    """How this answer was made: the plain beam search, with the history excluded inside the
+    search, or repeat-aware."""
     ignored_history: list[str]
     """History ids that are not in the catalogue (ignored)."""
 

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from models.repeat import RepeatPrior
 from models.vocab import CodeVocab
 from service.batcher import MicroBatcher
 from service.engines.base import DecodeRequest, Recommendation
@@ -62,6 +63,29 @@ class Tokenizer(Protocol):
     def encode(self, items: Sequence[Any], is_taken: Any = None) -> np.ndarray: ...
 
 
+class InvalidRequest(ValueError):
+    """A request whose options contradict each other; `loc` names the field."""
+
+    def __init__(self, loc: str, msg: str) -> None:
+        super().__init__(msg)
+        self.loc = loc
+
+
+@dataclass(frozen=True)
+class RecommendDefaults:
+    """The bundle's validation-chosen defaults (manifest `recommend`)."""
+
+    mode: str = "exclude_history"
+    prior: RepeatPrior | None = None
+
+    @classmethod
+    def from_manifest(cls, recommend: dict[str, Any]) -> RecommendDefaults:
+        if not recommend:
+            return cls()  # bundles without a fitted mode: history excluded, as always
+        prior = RepeatPrior.from_dict(recommend["repeat_prior"])
+        return cls(mode=str(recommend.get("mode", "plain")), prior=prior)
+
+
 class ServingRecommend:
     def __init__(
         self,
@@ -70,12 +94,34 @@ class ServingRecommend:
         batcher: MicroBatcher[DecodeRequest, list[Recommendation]],
         model_version: str,
         timeout_s: float,
+        defaults: RecommendDefaults | None = None,
     ) -> None:
         self.store = store
         self.vocab = vocab
         self.batcher = batcher
         self.model_version = model_version
         self.timeout_s = timeout_s
+        self.defaults = defaults or RecommendDefaults()
+
+    def mode(self, req: RecommendRequest) -> str:
+        """The request's mode: its explicit options win over the bundle's default."""
+        if req.repeat and req.exclude_history:
+            raise InvalidRequest(
+                "repeat", "repeat needs the history: set exclude_history to false (or omit it)"
+            )
+        if req.repeat:
+            if self.defaults.prior is None:
+                raise InvalidRequest(
+                    "repeat",
+                    "this bundle has no fitted repeat prior (run `letterrec fit-mode` on it)",
+                )
+            return "repeat"
+        if req.exclude_history is not None:
+            return "exclude_history" if req.exclude_history else "plain"
+        default = self.defaults.mode
+        if req.repeat is False and default == "repeat":
+            return "plain"
+        return default
 
     def build(self, req: RecommendRequest) -> tuple[DecodeRequest, list[str]]:
         """Prompt from the known history, exclusions as rows; unknown history ids listed."""
@@ -89,36 +135,59 @@ class ServingRecommend:
             elif item_id not in ignored:
                 ignored.append(item_id)
         exclude = {r for r in map(live.row_of, req.exclude) if r is not None}
-        if req.exclude_history:
+        mode = self.mode(req)
+        if mode == "exclude_history":
             exclude.update(rows)
         recent = rows[-self.vocab.history_items :] if self.vocab.history_items else []
         prompt = self.vocab.prompt(live.codes_rows(recent))
-        return DecodeRequest(prompt=prompt, k=req.k, exclude=frozenset(exclude)), ignored
+        repeat = mode == "repeat"
+        decode = DecodeRequest(
+            prompt=prompt,
+            k=req.k,
+            exclude=frozenset(exclude),
+            history=tuple(recent) if repeat else (),
+            prior=self.defaults.prior if repeat else None,
+        )
+        return decode, ignored
 
-    def respond(self, recs: Sequence[Recommendation], ignored: list[str]) -> RecommendResponse:
+    def respond(
+        self, recs: Sequence[Recommendation], ignored: list[str], mode: str = "plain"
+    ) -> RecommendResponse:
         live = self.store.live
         items = []
         for r in recs:
             view = live.item(r.item_index)
             items.append(
                 RecommendedItem(
-                    item_id=view.item_id, score=r.score, codes=list(view.codes), title=view.title
+                    item_id=view.item_id,
+                    score=r.score,
+                    codes=list(view.codes),
+                    title=view.title,
+                    from_history=r.from_history,
                 )
             )
         return RecommendResponse(
-            items=items, model_version=self.model_version, ignored_history=ignored
+            items=items, model_version=self.model_version, ignored_history=ignored, mode=mode
         )
 
     async def recommend(self, req: RecommendRequest) -> RecommendResponse:
         decode_req, ignored = self.build(req)
         recs = await self.batcher.submit(decode_req, self.timeout_s)
-        return self.respond(recs, ignored)
+        return self.respond(recs, ignored, self.mode(req))
 
     async def recommend_batch(self, reqs: Sequence[RecommendRequest]) -> BatchRecommendResponse:
-        built = [self.build(r) for r in reqs]
+        built = []
+        for i, r in enumerate(reqs):
+            try:
+                built.append(self.build(r))
+            except InvalidRequest as e:
+                raise InvalidRequest(f"requests.{i}.{e.loc}", str(e)) from e
         results = await self.batcher.submit_many([b[0] for b in built], self.timeout_s)
         return BatchRecommendResponse(
-            responses=[self.respond(recs, b[1]) for recs, b in zip(results, built, strict=True)],
+            responses=[
+                self.respond(recs, b[1], self.mode(r))
+                for recs, b, r in zip(results, built, reqs, strict=True)
+            ],
             model_version=self.model_version,
         )
 

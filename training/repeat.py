@@ -42,9 +42,9 @@ def candidates(
     for s in tqdm(starts, desc="beam + history scores", unit="batch", disable=not progress):
         chunk = pairs[s : s + batch_size]
         prompts = [vocab.prompt(codes[h]) if h else [vocab.bos_id] for h, _ in chunk]
-        parts.append(
-            repeat_candidates(decoder, prompts, [h for h, _ in chunk], trie, vocab, beam_width)
-        )
+        hist = [h for h, _ in chunk]
+        # k = the width: all beams are candidates, as the service's engine keeps them.
+        parts.append(repeat_candidates(decoder, prompts, hist, trie, vocab, beam_width, beam_width))
     return concat(parts)
 
 

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from models.repeat import RepeatPrior
 from models.trie import ItemTrie
 
 
@@ -17,13 +18,20 @@ class DecodeRequest:
     k: int
     exclude: frozenset[int] = field(default_factory=frozenset)
     """Catalogue rows (trie item indices) that must not be returned."""
+    history: tuple[int, ...] = ()
+    """The known history as catalogue rows, oldest first (the repeat-aware mode's candidates)."""
+    prior: RepeatPrior | None = None
+    """Repeat-aware mode (models/repeat.py) with this prior; None = the plain beam search."""
 
 
 @dataclass(frozen=True)
 class Recommendation:
     item_index: int
     score: float
-    """Sum over the L tokens of the masked log-softmax."""
+    """Sum over the L tokens of the masked log-softmax (plus the repeat prior for an item of the
+    history in the repeat-aware mode)."""
+    from_history: bool = False
+    """Added by the repeat-aware mode as one of the user's recent items."""
 
 
 DTYPES = ("float32", "bfloat16", "float16")

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from models.beam import beam_search
 from models.decoders import make_decoder
 from models.fused_decoder import FusedDecoder
+from models.repeat import repeat_candidates, rerank_one
 from models.trie import ItemTrie
 from models.vocab import CodeVocab
 from service.engines.base import (
@@ -108,6 +109,8 @@ class TorchEngine(DecodeEngine):
         self, requests: Sequence[DecodeRequest], trie: ItemTrie
     ) -> list[list[Recommendation]]:
         k = max(r.k for r in requests)
+        if any(r.prior is not None for r in requests):
+            return self._repeat_batch(requests, trie, k)
         result = beam_search(
             self.decoder,
             [r.prompt for r in requests],
@@ -122,6 +125,41 @@ class TorchEngine(DecodeEngine):
         for b, r in enumerate(requests):
             pairs = zip(items[b][: r.k], scores[b][: r.k], strict=True)
             out.append([Recommendation(i, s) for i, s in pairs if i >= 0])
+        return out
+
+    def _repeat_batch(
+        self, requests: Sequence[DecodeRequest], trie: ItemTrie, k: int
+    ) -> list[list[Recommendation]]:
+        """One beam search for the batch plus the exact scores of the repeat-aware requests'
+        recent items (plain requests in the same batch get the beam's answer)."""
+        cand = repeat_candidates(
+            self.decoder,
+            [r.prompt for r in requests],
+            [r.history if r.prior is not None else () for r in requests],
+            trie,
+            self.vocab,
+            beam_width=self.beam_width,
+            k=max(k, self.beam_width),
+            excludes=[r.exclude for r in requests],
+        )
+        items, scores = cand.beam.items.tolist(), cand.beam.scores.tolist()
+        out = []
+        for b, r in enumerate(requests):
+            if r.prior is None:
+                pairs = zip(items[b][: r.k], scores[b][: r.k], strict=True)
+                out.append([Recommendation(i, s) for i, s in pairs if i >= 0])
+                continue
+            ranked = rerank_one(
+                items[b],
+                scores[b],
+                cand.items[b],
+                cand.scores[b],
+                cand.position[b],
+                cand.visits[b],
+                r.prior,
+                r.k,
+            )
+            out.append([Recommendation(i, s, h) for i, s, h in ranked])
         return out
 
     def warmup(self, trie: ItemTrie) -> None:

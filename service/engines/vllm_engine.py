@@ -34,6 +34,7 @@ monkey-patches `torch.set_num_threads` in the caller, so it is not the default h
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.repeat import history_candidates, rerank_one
 from models.trie import ItemTrie
 from models.trie_tensors import TrieTensors
 from models.vocab import CodeVocab
@@ -206,7 +208,57 @@ class VllmEngine(DecodeEngine):
             calls = self._calls(searches, level, tensors)
             logprobs = self._score(calls)
             _advance(searches, calls, logprobs, self.vocab.codebook_size)
-        return [_results(s, tensors) for s in searches]
+        if not any(r.prior is not None for r in requests):
+            return [_results(s, tensors) for s in searches]
+        return self._repeat(searches, trie, tensors)
+
+    def _repeat(
+        self, searches: list[_Search], trie: ItemTrie, tensors: TrieTensors
+    ) -> list[list[Recommendation]]:
+        """The repeat-aware requests: each recent, allowed item scored exactly (one vLLM call
+        per code level on the prompt + the item's earlier codes, prefix-cached), merged with
+        the beams by `models.repeat.rerank_one`."""
+        table, active = trie.codes_array(), trie.active_mask()
+        calls: list[_Call] = []
+        cands: list[tuple[list[int], list[int], list[int]]] = []
+        for s_idx, search in enumerate(searches):
+            r = search.request
+            items, pos, vis = history_candidates(r.history, self.vocab.history_items)
+            keep = [
+                j
+                for j, i in enumerate(items)
+                if r.prior is not None and 0 <= i < len(trie) and active[i] and i not in r.exclude
+            ]
+            cands.append(([items[j] for j in keep], [pos[j] for j in keep], [vis[j] for j in keep]))
+            for c, item in enumerate(cands[-1][0]):
+                tokens = self.vocab.tokens(table[item]).tolist()
+                for level, token in enumerate(tokens):
+                    code = np.array([table[item][level]])
+                    calls.append(_Call(s_idx, c, code, r.prompt + tokens[:level], [token]))
+        logprobs = self._score(calls)
+        totals = [np.zeros(len(c[0])) for c in cands]
+        for call, lp in zip(calls, logprobs, strict=True):
+            totals[call.search][call.beam] += float(lp[0])
+        out = []
+        for s_idx, search in enumerate(searches):
+            r = search.request
+            if r.prior is None:
+                out.append(_results(search, tensors))
+                continue
+            beams = _results(dataclasses.replace(search, request=_with_k(r, search.width)), tensors)
+            items, pos, vis = cands[s_idx]
+            ranked = rerank_one(
+                [b.item_index for b in beams],
+                [b.score for b in beams],
+                items,
+                totals[s_idx],
+                np.asarray(pos, dtype=np.float64),
+                np.asarray(vis, dtype=np.float64),
+                r.prior,
+                r.k,
+            )
+            out.append([Recommendation(i, s, h) for i, s, h in ranked])
+        return out
 
     def _new_search(self, request: DecodeRequest, trie: ItemTrie) -> _Search:
         active = [i for i in request.exclude if 0 <= i < len(trie) and trie.is_active(i)]
@@ -317,6 +369,10 @@ def _results(search: _Search, tensors: TrieTensors) -> list[Recommendation]:
     items = tensors.items_of(torch.from_numpy(search.keys)).numpy()
     order = np.argsort(-search.scores, kind="stable")[: search.request.k]
     return [Recommendation(int(items[i]), float(search.scores[i])) for i in order if items[i] >= 0]
+
+
+def _with_k(request: DecodeRequest, k: int) -> DecodeRequest:
+    return dataclasses.replace(request, k=k)
 
 
 def _token_logprobs(output: Any, token_ids: list[int]) -> np.ndarray:

@@ -270,3 +270,32 @@ def test_equals_torch_engine(
     got = engine.recommend(requests, trie)
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert_same(g, w, f"history {i}")
+
+
+def test_repeat_aware_requests_equal_the_torch_engine(
+    engine: VllmEngine, model_dir: Path, catalogue: np.ndarray, histories
+) -> None:
+    """The repeat-aware mode: history items scored through vLLM equal the torch engine's
+    (items, scores and history flags), plain requests in the same batch are untouched."""
+    from models.repeat import RepeatPrior
+
+    torch_engine = pytest.importorskip("service.engines.torch_engine")
+    trie = ItemTrie.from_codes(catalogue, VOCAB.codebook_size)
+    reference = torch_engine.TorchEngine(model_dir, VOCAB, beam_width=BEAM)
+    prior = RepeatPrior(bias=3.0, recency=-0.5, frequency=1.0)
+    requests = [
+        DecodeRequest(
+            prompt_of(h, catalogue),
+            k=8,
+            history=tuple(h.tolist()),
+            prior=prior if i % 3 else None,
+            exclude=frozenset(h[:1].tolist()) if i % 4 == 1 else frozenset(),
+        )
+        for i, h in enumerate(histories[:12])
+    ]
+    want = reference.recommend(requests, trie)
+    got = engine.recommend(requests, trie)
+    assert any(r.from_history for w in want for r in w)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert_same(g, w, f"history {i}")
+        assert [r.from_history for r in g] == [r.from_history for r in w], f"history {i}"
