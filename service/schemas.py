@@ -65,6 +65,9 @@ class RecommendedItem(BaseModel):
     from_history: bool = False
     """Recommended again from the user's history by the repeat-aware mode (its score then
     includes the repeat prior)."""
+    new: bool = False
+    """Added after training (POST /tokenize), not part of the bundle's catalogue: lets product
+    teams track how often new items are shown."""
 
 
 class RecommendResponse(BaseModel):

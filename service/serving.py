@@ -164,6 +164,7 @@ class ServingRecommend:
                     codes=list(view.codes),
                     title=view.title,
                     from_history=r.from_history,
+                    new=view.source == "tokenized",
                 )
             )
         return RecommendResponse(

@@ -192,6 +192,8 @@ def test_tokenize_lifecycle(client: httpx.Client, bundle: Bundle) -> None:
     # Recommendable at once: with every bundle item excluded it is the only answer.
     only = rec(client, k=5, exclude=bundle.catalogue.item_ids)
     assert ids(only) == ["new-1"] and only.json()["items"][0]["codes"] == item["codes"]
+    assert only.json()["items"][0]["new"] is True  # marked as added after training
+    assert not any(it["new"] for it in rec(client, k=5, history=["item-1"]).json()["items"])
 
     again = client.post("/tokenize", json={"items": [NEW_ITEM]}, headers=AUTH)
     assert again.json()["items"][0] == {**item, "status": "existing"}
