@@ -1,0 +1,64 @@
+"""The new-item protocol's split and identifiers: no cold item reaches a training input, and
+cold identifiers come from the tokenizer call POST /tokenize makes, unique in the catalogue."""
+
+import numpy as np
+
+from tests.bundlefactory import make_tokenizer, shared_encoder, synthetic_items
+from training.coldstart import cold_items, content_lists, encode_cold, metrics, without_items
+from training.data import Dataset, leave_one_out
+
+
+def fixture_dataset() -> Dataset:
+    # Items 0..5 are old (visited early by someone); 6 and 7 only ever end a sequence.
+    seqs = [[0, 1, 2, 3, 6], [1, 2, 4, 5, 7], [0, 3, 5, 7], [2, 4, 0, 1, 6], [5, 4, 3, 2, 1]]
+    items = [{"title": f"item {i}", "description": ""} for i in range(8)]
+    return Dataset("fixture", [str(i) for i in range(8)], items, ["u"] * 5, seqs)
+
+
+def test_cold_items_are_the_newest_by_the_documented_rule() -> None:
+    ds = fixture_dataset()
+    assert cold_items(ds, 0.125).tolist() == [7]  # 6 and 7 tie at 0 steps after: the later row
+    assert cold_items(ds, 0.25).tolist() == [6, 7]
+
+
+def test_no_cold_item_appears_in_any_training_input() -> None:
+    ds = fixture_dataset()
+    cold = cold_items(ds, 0.25)
+    warm, keep = without_items(ds, cold)
+    assert sorted(set(keep.tolist()) | set(cold.tolist())) == list(range(ds.n_items))
+    assert warm.item_ids == [ds.item_ids[i] for i in keep]
+    split = leave_one_out(warm)
+    seen = {keep[i] for s in split.train for i in s}
+    seen |= {keep[i] for h, t in split.valid for i in [*h, t]}
+    seen |= {keep[i] for h, t in split.test for i in [*h, t]}
+    assert not seen & set(cold.tolist())
+    # The rest of each sequence stays, in order.
+    assert [[keep[i] for i in s] for s in warm.sequences] == [
+        [i for i in s if i not in set(cold.tolist())] for s in ds.sequences
+    ]
+
+
+def test_cold_identifiers_are_the_tokenize_calls_and_unique() -> None:
+    items = synthetic_items(60, seed=3)
+    emb = shared_encoder().encode([f"{it['title']}. {it['description']}" for it in items])
+    tok = make_tokenizer(emb, levels=2, codebook_size=16)
+    warm_codes = tok.encode(items[:50])
+    cold = encode_cold(tok, items[50:], warm_codes)
+    # What POST /tokenize computes: the same call with the catalogue's identifiers taken.
+    taken = {tuple(r) for r in warm_codes.tolist()}
+    direct = tok.encode(items[50:], is_taken=lambda t: tuple(t) in taken)
+    assert np.array_equal(cold, direct)
+    everything = [tuple(r) for r in np.concatenate([warm_codes, cold]).tolist()]
+    assert len(set(everything)) == 60
+
+
+def test_content_baseline_and_metrics_by_hand() -> None:
+    emb = np.eye(12)[:, :12] + 0.0
+    emb[11] = emb[3] * 0.9 + emb[2] * 0.1  # item 11 (cold) reads like item 3
+    pairs = [([1, 3], 11), ([5], 0)]
+    recs = content_lists(emb, pairs, recent=1)
+    assert recs[0][0] == 11 and 3 not in recs[0]  # the history is excluded
+    m = metrics(recs, pairs, np.array([11]))
+    assert m["cold_targets"] == 1
+    assert m["recall@10_cold"] == 1.0 and m["ndcg@10_cold"] == 1.0
+    assert m["recall@10_warm"] == 1.0  # item 0 is somewhere in the 10 of 11 remaining

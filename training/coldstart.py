@@ -1,0 +1,242 @@
+"""New items: are they recommended the moment they are tokenized? (`letterrec evaluate
+--cold-items SHARE`)
+
+Protocol:
+- Cold items: the `share` of the items (with interactions) that arrived last. The datasets'
+  sequences are ordered but carry no common clock (LC-Rec JSON has no timestamps), so an
+  item's age is counted in its users' own steps: the largest number of interactions any user
+  made after first visiting it. A new item has been visited only at the very ends of
+  sequences; the newest are those with the smallest age, ties to the item listed later in the
+  item file.
+- Every training stage (SASRec, the tokenizer, the recommender) runs on the warm dataset: the
+  cold items removed from the catalogue and from every sequence (the rest of each sequence
+  stays), in `BUNDLE/coldstart/`, with the same configuration.
+- Before testing, the cold items are encoded by the trained tokenizer from their text through
+  `ItemTokenizer.encode` with the catalogue's identifiers taken: the call POST /tokenize makes,
+  so their identifiers are unique; they join the trie.
+- Test: the full dataset's leave-one-out test users (their histories may hold cold items; the
+  recommender's prompt shows their codes, SASRec cannot see them and skips them). Rows: LETTER
+  (this cold-start model), SASRec (0 on cold targets by construction: it has no embedding for
+  an item it never saw), Content (cosine of item text embeddings to the mean of the user's last
+  5 items, history excluded: the usual cold-start answer), Popularity (warm training counts),
+  and, when BUNDLE holds a model trained on the whole catalogue, `LETTER (full catalogue)` for
+  the cost on warm targets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.bundle import Bundle
+from models.item_tokenizer import ItemTokenizer
+from models.recommender import load_lm
+from models.vocab import CodeVocab
+from training.cf import left_pad
+from training.data import Dataset, leave_one_out
+from training.distill import load_sasrec
+from training.evaluate import item_popularity
+from training.lm import recommend
+from training.metrics import gains_at, ranks_from_lists, standard_errors, summarize
+
+log = logging.getLogger(__name__)
+
+
+def cold_items(ds: Dataset, share: float) -> np.ndarray:
+    """Rows of the newest `share` of the items with interactions (see the module docstring)."""
+    if not 0 < share < 1:
+        raise ValueError(f"--cold-items must be a share in (0, 1), got {share}")
+    after = np.full(ds.n_items, -1)
+    for seq in ds.sequences:
+        n = len(seq)
+        seen: set[int] = set()
+        for pos, item in enumerate(seq):
+            if item not in seen:
+                seen.add(item)
+                after[item] = max(after[item], n - 1 - pos)
+    known = np.flatnonzero(after >= 0)
+    count = max(1, int(round(share * len(known))))
+    # Newest first: the fewest interactions after their first visit, then the later row.
+    order = np.lexsort((-known, after[known]))
+    return np.sort(known[order[:count]])
+
+
+def without_items(ds: Dataset, drop: np.ndarray) -> tuple[Dataset, np.ndarray]:
+    """The dataset without the `drop` rows (catalogue and sequences); returns it and, for each
+    of its rows, the row in `ds`."""
+    keep = np.setdiff1d(np.arange(ds.n_items), drop)
+    new_row = np.full(ds.n_items, -1)
+    new_row[keep] = np.arange(len(keep))
+    warm = Dataset(
+        name=f"{ds.name} (warm)",
+        item_ids=[ds.item_ids[i] for i in keep],
+        items=[ds.items[i] for i in keep],
+        user_ids=list(ds.user_ids),
+        sequences=[[int(new_row[i]) for i in s if new_row[i] >= 0] for s in ds.sequences],
+        source=ds.source,
+        stats={"cold_items_removed": len(drop)},
+    )
+    return warm, keep
+
+
+def encode_cold(
+    tokenizer: ItemTokenizer, items: list[dict[str, Any]], warm_codes: np.ndarray
+) -> np.ndarray:
+    """The cold items' identifiers as POST /tokenize assigns them: `ItemTokenizer.encode` on
+    their text, with every catalogue identifier taken (so all are unique)."""
+    taken = {tuple(int(c) for c in row) for row in warm_codes}
+    return tokenizer.encode(items, is_taken=lambda t: tuple(t) in taken)
+
+
+@torch.no_grad()
+def sasrec_lists(
+    model: Any, pairs: list[tuple[list[int], int]], warm_row: np.ndarray, keep: np.ndarray
+) -> list[list[int]]:
+    """SASRec's top-10 (full rows) for histories in full rows; cold history items are
+    skipped, cold items are never scored."""
+    out: list[list[int]] = []
+    for s in range(0, len(pairs), 512):
+        hists = [[int(warm_row[i]) for i in h if warm_row[i] >= 0] for h, _ in pairs[s : s + 512]]
+        length = max(1, min(model.config.max_len, max(len(h) for h in hists)))
+        scores = model.full_sort_predict(left_pad(hists, length)).float()
+        top = scores.topk(min(10, scores.shape[1]), dim=1).indices.numpy()
+        out.extend(keep[top].tolist())
+    return out
+
+
+def content_lists(
+    emb: np.ndarray, pairs: list[tuple[list[int], int]], recent: int = 5
+) -> list[list[int]]:
+    """Top-10 by cosine of item text embeddings to the mean of the last `recent` history items,
+    history excluded."""
+    x = emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(1e-12)
+    out = []
+    for s in range(0, len(pairs), 1024):
+        chunk = pairs[s : s + 1024]
+        users = np.stack([x[h[-recent:]].mean(0) if h else np.zeros(x.shape[1]) for h, _ in chunk])
+        scores = users @ x.T
+        for r, (h, _) in enumerate(chunk):
+            scores[r, h] = -np.inf
+        top = np.argpartition(-scores, 10, axis=1)[:, :10]
+        order = np.take_along_axis(scores, top, 1).argsort(1)[:, ::-1]
+        out.extend(np.take_along_axis(top, order, 1).tolist())
+    return out
+
+
+def metrics(
+    recs: list[list[int]], pairs: list[tuple[list[int], int]], cold: np.ndarray
+) -> dict[str, Any]:
+    """R@10 / N@10 (with standard errors) on all test users, on cold and on warm targets; the
+    share of cold items among the recommendations."""
+    targets = np.array([t for _, t in pairs])
+    ranks = ranks_from_lists(recs, targets.tolist())
+    is_cold = np.isin(targets, cold)
+    cold_set = set(cold.tolist())
+    flat = [i for r in recs for i in r[:10]]
+    out: dict[str, Any] = {
+        **{k: v for k, v in summarize(ranks).items() if k.endswith("@10")},
+        **{k: v for k, v in standard_errors(ranks).items() if k.endswith("@10")},
+        "cold_share@10": sum(i in cold_set for i in flat) / max(1, len(flat)),
+        "cold_targets": int(is_cold.sum()),
+    }
+    for name, mask in (("cold", is_cold), ("warm", ~is_cold)):
+        sub = ranks[mask]
+        out[f"recall@10_{name}"] = float((sub < 10).mean()) if len(sub) else 0.0
+        out[f"ndcg@10_{name}"] = float(gains_at(sub, 10).mean()) if len(sub) else 0.0
+        se = standard_errors(sub) if len(sub) > 1 else {}
+        out[f"se_recall@10_{name}"] = se.get("se_recall@10", 0.0)
+        out[f"se_ndcg@10_{name}"] = se.get("se_ndcg@10", 0.0)
+    return out
+
+
+def evaluate_coldstart(ws: Any, share: float) -> dict[str, Any]:
+    """Run the protocol for the workspace `ws` (training.pipeline.Workspace of the full
+    dataset); the warm stages resume from `ws.out / 'coldstart'`."""
+    from training import pipeline
+
+    ds = ws.dataset()
+    cold = cold_items(ds, share)
+    warm_ds, keep = without_items(ds, cold)
+    warm_row = np.full(ds.n_items, -1)
+    warm_row[keep] = np.arange(len(keep))
+    cfg = dataclasses.replace(ws.cfg, ablation=False)
+    wws = pipeline.Workspace(
+        out=ws.out / "coldstart", cfg=cfg, data_spec=ws.data_spec, progress=ws.progress
+    )
+    wws._ds = warm_ds
+    t0 = time.perf_counter()
+    for stage in (pipeline.stage_embed, pipeline.stage_cf, pipeline.stage_tokenizer):
+        stage(wws)
+    pipeline.stage_lm(wws)
+    train_seconds = time.perf_counter() - t0
+    bundle = Bundle.load(wws.out)
+    vocab: CodeVocab = bundle.vocab
+    tokenizer = ItemTokenizer.load(bundle.tokenizer_dir)
+    cold_items_fields = [{"item_id": ds.item_ids[i], **ds.items[i]} for i in cold]
+    cold_codes = encode_cold(tokenizer, cold_items_fields, bundle.catalogue.codes)
+    codes = np.zeros((ds.n_items, vocab.levels), dtype=np.int64)
+    codes[keep] = bundle.catalogue.codes
+    codes[cold] = cold_codes
+    assert len({tuple(r) for r in codes.tolist()}) == ds.n_items, "identifiers must be unique"
+
+    split = leave_one_out(ds, cfg.max_history)
+    pairs = split.test
+    from models.trie import ItemTrie
+
+    trie = ItemTrie.from_codes(codes, vocab.codebook_size)
+    model = load_lm(bundle.lm_dir, cfg.lm.device)
+    t1 = time.perf_counter()
+    hists = [h for h, _ in pairs]
+    letter = recommend(
+        model, hists, codes, vocab, trie, 10, cfg.lm.beam_width, progress=ws.progress
+    )
+    eval_seconds = time.perf_counter() - t1
+    sasrec = load_sasrec(wws.stages / "sasrec.pt", cfg.cf.device)
+    pop = item_popularity(
+        [[int(keep[i]) for i in s] for s in leave_one_out(warm_ds).train], ds.n_items
+    )
+    emb = np.load(ws.stages / "embeddings.npy") if (ws.stages / "embeddings.npy").exists() else None
+    if emb is None:
+        pipeline.stage_embed(ws)
+        emb = np.load(ws.stages / "embeddings.npy")
+    rows = [
+        {"model": "LETTER", **metrics(letter, pairs, cold)},
+        {"model": "SASRec", **metrics(sasrec_lists(sasrec, pairs, warm_row, keep), pairs, cold)},
+        {"model": "Content", **metrics(content_lists(emb, pairs), pairs, cold)},
+        {
+            "model": "Popularity",
+            **metrics([np.argsort(-pop, kind="stable")[:10].tolist()] * len(pairs), pairs, cold),
+        },
+    ]
+    if (ws.out / "lm" / "config.json").exists():
+        full = Bundle.load(ws.out)
+        if len(full.catalogue) == ds.n_items:
+            full_model = load_lm(full.lm_dir, cfg.lm.device)
+            full_trie = ItemTrie.from_codes(full.catalogue.codes, vocab.codebook_size)
+            recs = recommend(
+                full_model,
+                hists,
+                full.catalogue.codes,
+                full.vocab,
+                full_trie,
+                10,
+                cfg.lm.beam_width,
+                progress=ws.progress,
+            )
+            rows.append({"model": "LETTER (full catalogue)", **metrics(recs, pairs, cold)})
+    return {
+        "share": share,
+        "cold_items": len(cold),
+        "items": ds.n_items,
+        "test_users": len(pairs),
+        "rule": "newest = fewest interactions made by any user after first visiting the item",
+        "rows": rows,
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "config": cfg.to_dict(),
+    }
