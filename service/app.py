@@ -243,6 +243,7 @@ def _bind_gauges(metrics: Metrics, state: ServiceState) -> None:
     metrics.catalogue_items.set_function(lambda: live.n_active)
     metrics.trie_version.set_function(lambda: live.trie.version)
     metrics.ready.set_function(lambda: 1.0 if state.ready() else 0.0)
+    metrics.store_up.set_function(lambda: 1.0 if state.store.healthy else 0.0)
 
 
 class SafeJSONResponse(JSONResponse):

@@ -46,8 +46,18 @@ class ServiceState:
             "accepting": self.accepting,
         }
 
+    DEGRADING = ("store_reachable",)
+    """Checks of shared dependencies: a failure degrades writes and shows in /readyz's body, in
+    `letterrec_store_up` and in an alert, but never makes the replica unready. Every replica
+    shares the dependency, so unready replicas would turn a partial failure (no /tokenize) into
+    a full outage behind the load balancer while /recommend still works."""
+
     def ready(self) -> bool:
-        return all(self.checks().values())
+        """This replica can answer /recommend now."""
+        return all(v for k, v in self.checks().items() if k not in self.DEGRADING)
+
+    def degraded(self) -> list[str]:
+        return [k for k, v in self.checks().items() if k in self.DEGRADING and not v]
 
 
 async def get_state(request: Request) -> ServiceState:

@@ -80,6 +80,11 @@ class Metrics:
             "letterrec_queue_depth", "Recommendation requests waiting for decoding.", registry=r
         )
         self.ready = Gauge("letterrec_ready", "1 when /readyz passes, else 0.", registry=r)
+        self.store_up = Gauge(
+            "letterrec_store_up",
+            "1 when the catalogue store (Redis, or the embedded one) is reachable, else 0.",
+            registry=r,
+        )
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

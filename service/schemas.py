@@ -176,6 +176,9 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     ready: bool
     checks: dict[str, bool]
+    degraded: list[str] = Field(default_factory=list)
+    """Failed checks of shared dependencies (e.g. store_reachable): writes degrade, readiness
+    does not."""
     model_version: str | None = None
     engine: str | None = None
     device: str | None = None

@@ -18,7 +18,9 @@ async def healthz() -> Health:
 
 @router.get("/readyz", responses={503: {"model": Readiness, "description": "Not ready"}})
 async def readyz(request: Request) -> Response:
-    """Bundle loaded, engine warmed, Redis reachable when configured, not shutting down."""
+    """This replica can answer /recommend: bundle loaded, engine warmed, not shutting down.
+    A shared store (Redis) that is unreachable is reported in `checks` and `degraded` but does
+    not fail readiness: recommendations keep working from the replica's own copy."""
     state = getattr(request.app.state, "letterrec", None)
     if state is None:
         body = Readiness(ready=False, checks={"bundle_loaded": False})
@@ -27,6 +29,7 @@ async def readyz(request: Request) -> Response:
         body = Readiness(
             ready=state.ready(),
             checks=state.checks(),
+            degraded=state.degraded(),
             model_version=state.model_version,
             engine=state.settings.engine,
             device=state.info.get("device"),

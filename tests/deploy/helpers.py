@@ -33,6 +33,7 @@ METRICS = [
     "letterrec_redis_errors_total",
     "letterrec_queue_depth",
     "letterrec_ready",
+    "letterrec_store_up",
 ]
 
 

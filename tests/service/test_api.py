@@ -322,6 +322,7 @@ METRIC_NAMES = [  # family names (a counter's family drops `_total`)
     "letterrec_redis_errors",
     "letterrec_queue_depth",
     "letterrec_ready",
+    "letterrec_store_up",
 ]
 
 
