@@ -37,7 +37,9 @@ ProfileOpt = Annotated[
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="JSON experiment file overriding the profile.")
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (CUDA when present).")
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo stages whose outputs exist.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
 ThreadsOpt = Annotated[
@@ -155,7 +157,7 @@ def _stage_command(stage: str) -> None:
         out: OutOpt = Path("bundles/ml-100k"),
         profile: ProfileOpt = "full",
         config: ConfigOpt = None,
-        device: DeviceOpt = "cpu",
+        device: DeviceOpt = "auto",
         force: ForceOpt = False,
         quiet: QuietOpt = False,
         threads: ThreadsOpt = 0,
@@ -178,7 +180,7 @@ def evaluate(
     out: OutOpt = Path("bundles/ml-100k"),
     profile: ProfileOpt = "full",
     config: ConfigOpt = None,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     threads: ThreadsOpt = 0,
@@ -226,7 +228,7 @@ def pipeline(
     out: OutOpt = Path("bundles/ml-100k"),
     profile: ProfileOpt = "full",
     config: ConfigOpt = None,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     stages: Annotated[
