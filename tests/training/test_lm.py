@@ -372,3 +372,14 @@ def test_windows_longer_than_the_model_positions_are_refused() -> None:
     )
     with pytest.raises(ValueError, match="context_items = 41 items.*max_position_embeddings 64"):
         train_lm(train, valid[:5], codes, VOCAB, cfg, progress=False)
+
+
+def test_bf16_only_where_the_cpu_computes_it_natively() -> None:
+    from training.lm import native_bf16
+
+    cpu = torch.device("cpu")
+    assert native_bf16(cpu, "flags : fpu sse avx2 avx512f avx512_bf16 amx_tile")
+    assert native_bf16(cpu, "flags : fpu avx2 amx_bf16 amx_tile")
+    # AVX2 or plain AVX-512 only: bfloat16 would be emulated, far slower than float32.
+    assert not native_bf16(cpu, "flags : fpu sse avx2 fma")
+    assert not native_bf16(cpu, "flags : fpu avx2 avx512f avx512bw")
