@@ -92,6 +92,12 @@ async def _start(settings: Settings, metrics: Metrics) -> ServiceState:
         bundle = await asyncio.to_thread(Bundle.load, settings.bundle)
     except BundleError as e:
         raise RuntimeError(f"cannot serve: {e}") from e
+    if settings.placeholder_keys():
+        log.warning(
+            "LETTERREC_API_KEYS holds %d public development placeholder key(s) (dev-insecure-...):"
+            " they are refused, so write routes need a real key",
+            settings.placeholder_keys(),
+        )
     store = await _make_store(settings, bundle, metrics)
     if settings.torch_threads > 0:
         import torch

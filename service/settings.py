@@ -114,8 +114,23 @@ class Settings(BaseSettings):
         return _resolve(self.tokenizer_device)
 
     def key_values(self) -> list[bytes]:
-        """The configured API keys as bytes, for constant-time comparison."""
-        return [k.get_secret_value().encode() for k in self.api_keys]
+        """The configured API keys as bytes, for constant-time comparison. The development
+        placeholders that the compose file and the kustomize base ship are public, so they are
+        never accepted: a deployment that keeps them has writes closed (and logs why) instead
+        of open to anyone who has read the repository."""
+        keys = [k.get_secret_value() for k in self.api_keys]
+        return [k.encode() for k in keys if not is_placeholder_key(k)]
+
+    def placeholder_keys(self) -> int:
+        return sum(is_placeholder_key(k.get_secret_value()) for k in self.api_keys)
+
+
+PLACEHOLDER_PREFIX = "dev-insecure-"
+"""Keys starting with this are the repository's public development placeholders."""
+
+
+def is_placeholder_key(key: str) -> bool:
+    return key.startswith(PLACEHOLDER_PREFIX)
 
 
 def _resolve(device: str) -> str:

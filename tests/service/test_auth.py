@@ -46,3 +46,20 @@ def test_check_api_key_rejects_with_reason(
 
 def test_check_api_key_accepts_a_configured_key() -> None:
     check_api_key("Bearer k2", [b"k1", b"k2"])
+
+
+def test_the_repositorys_placeholder_keys_are_never_accepted() -> None:
+    """compose.yaml and the kustomize base ship `dev-insecure-placeholder-key`: anyone who read
+    the repository knows it, so it opens nothing; real keys beside it still work."""
+    from service.settings import Settings
+
+    s = Settings(api_keys="dev-insecure-placeholder-key, real-key-0123456789")
+    assert s.key_values() == [b"real-key-0123456789"]
+    assert s.placeholder_keys() == 1
+    check_api_key("Bearer real-key-0123456789", s.key_values())
+    with pytest.raises(HTTPException) as e:
+        check_api_key("Bearer dev-insecure-placeholder-key", s.key_values())
+    assert e.value.status_code == 401
+    only = Settings(api_keys="dev-insecure-placeholder-key")
+    with pytest.raises(HTTPException, match="none is configured"):
+        check_api_key("Bearer dev-insecure-placeholder-key", only.key_values())
