@@ -23,6 +23,7 @@ from service.batcher import MicroBatcher, QueueFull, ShuttingDown
 from service.deps import ServiceState
 from service.docs import add_offline_docs
 from service.engines.base import DecodeEngine, DecodeRequest, Recommendation
+from service.engines.subprocess_engine import DecodeWorkerError
 from service.metrics import Metrics, MetricsMiddleware
 from service.routes import ROUTERS
 from service.serving import (
@@ -199,7 +200,12 @@ def _make_engine(settings: Settings, bundle: Bundle) -> DecodeEngine:
     if settings.decode_process and settings.engine != "vllm":
         from service.engines.subprocess_engine import SubprocessEngine
 
-        return SubprocessEngine(settings.engine, threads=settings.torch_threads, **kwargs)
+        return SubprocessEngine(
+            settings.engine,
+            threads=settings.torch_threads,
+            batch_timeout_s=settings.decode_timeout_s,
+            **kwargs,
+        )
     engine_cls: Callable[..., DecodeEngine] = load_engine_class(settings.engine)
     return engine_cls(**kwargs)
 
@@ -301,6 +307,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Conflict)
     async def _conflict(request: Request, exc: Conflict) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status.HTTP_409_CONFLICT)
+
+    @app.exception_handler(DecodeWorkerError)
+    async def _worker_failed(request: Request, exc: DecodeWorkerError) -> JSONResponse:
+        # The decode child died or hung on this batch; it is restarted for the next one.
+        return unavailable(f"decoding failed, retry: {exc}")
 
     @app.exception_handler(InvalidRequest)
     async def _contradiction(request: Request, exc: InvalidRequest) -> JSONResponse:

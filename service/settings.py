@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     queue_size: int = Field(default=1024, ge=1, le=1_000_000)
     """Requests allowed to wait for decoding; beyond it the service answers 503 + Retry-After."""
 
+    decode_timeout_s: float = Field(default=120.0, gt=0.0, le=3600.0)
+    """With decode_process: a batch the decode child has not answered within this many seconds
+    fails (503 for its requests) and the child is killed and restarted, so a hung child cannot
+    block decoding for good."""
+
     request_timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0)
     """Per-request limit on queueing plus decoding; past it the request gets 504."""
 

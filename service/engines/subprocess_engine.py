@@ -11,7 +11,9 @@ copy of the item trie: the parent ships the trie's bytes (`ItemTrie.to_bytes`) w
 whenever the trie object or its version changed since the last one shipped (after /tokenize or
 a Redis resync), so a batch is always decoded against the trie of the moment it was sent, as in
 process. Requests and results cross a pipe (a few KB a batch). An exception in the child is
-raised again in the parent with its type; a child that dies is started again at the next call.
+raised again in the parent with its type; a child that dies is started again at the next call,
+and so is one that hangs: a batch not answered within `batch_timeout_s` kills the child (the
+batch fails with DecodeWorkerError) instead of blocking decoding for good.
 """
 
 from __future__ import annotations
@@ -91,11 +93,17 @@ class SubprocessEngine(DecodeEngine):
     """`engine_name`'s engine (service.engines registry) in a spawned child process."""
 
     def __init__(
-        self, engine_name: str, threads: int = 0, start_timeout_s: float = 600.0, **kwargs: Any
+        self,
+        engine_name: str,
+        threads: int = 0,
+        start_timeout_s: float = 600.0,
+        batch_timeout_s: float = 120.0,
+        **kwargs: Any,
     ) -> None:
         self.engine_name = engine_name
         self.threads = threads
         self.start_timeout_s = start_timeout_s
+        self.batch_timeout_s = batch_timeout_s
         self.kwargs = kwargs
         self._lock = threading.Lock()
         self._conn: Connection | None = None
@@ -141,6 +149,19 @@ class SubprocessEngine(DecodeEngine):
             time.perf_counter() - t0,
         )
 
+    def _kill_hung(self) -> None:
+        """Kill a child that stopped answering (SIGKILL works on a stopped process too)."""
+        log.error(
+            "decode worker pid %s hung for %.0f s; killing it", self.pid, self.batch_timeout_s
+        )
+        self._shipped = None
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.join(5)
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
+
     def _alive(self) -> bool:
         return self._proc is not None and self._proc.is_alive()
 
@@ -170,6 +191,12 @@ class SubprocessEngine(DecodeEngine):
             blob = None if key == self._shipped else trie.to_bytes()
             try:
                 self._conn.send((op, blob, payload))
+                if not self._conn.poll(self.batch_timeout_s):
+                    self._kill_hung()
+                    raise DecodeWorkerError(
+                        f"decode worker gave no answer within {self.batch_timeout_s:g} s (hung);"
+                        " it was killed and the next batch starts a new one"
+                    )
                 status, value = self._conn.recv()
             except (EOFError, OSError) as e:
                 self._shipped = None

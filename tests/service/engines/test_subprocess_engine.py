@@ -89,3 +89,27 @@ def test_a_dead_child_fails_nothing_after_it_and_is_replaced(engines):
 def test_a_child_that_cannot_build_its_engine_raises_at_start(tmp_path):
     with pytest.raises((OSError, ValueError, DecodeWorkerError)):
         SubprocessEngine("torch", model_dir=tmp_path / "missing", vocab=VOCAB, **KW)
+
+
+def test_a_hung_child_times_out_and_is_replaced(model_dir):
+    """A child that stops answering (SIGSTOP: alive, not dead) fails the batch after
+    batch_timeout_s instead of blocking for good; the next batch gets a new child."""
+    import time
+
+    child = SubprocessEngine(
+        "torch", threads=1, batch_timeout_s=2.0, model_dir=model_dir, vocab=VOCAB, **KW
+    )
+    try:
+        trie = ItemTrie.from_codes(random_catalogue(30, 3, 16, seed=6), VOCAB.codebook_size)
+        req = [DecodeRequest([VOCAB.bos_id], k=3)]
+        want = child.recommend(req, trie)
+        old = child.pid
+        os.kill(old, signal.SIGSTOP)
+        t0 = time.perf_counter()
+        with pytest.raises(DecodeWorkerError, match="no answer within 2 s"):
+            child.recommend(req, trie)
+        assert time.perf_counter() - t0 < 10
+        assert same(child.recommend(req, trie), want)
+        assert child.pid not in (None, old)
+    finally:
+        child.close()
