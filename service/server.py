@@ -39,7 +39,17 @@ def run(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, **overrid
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    config = uvicorn.Config(
+    server = uvicorn.Server(uvicorn_config(settings, host, port))
+    server.run()
+    if not server.started:
+        raise SystemExit("letterrec: the service failed to start (see the log above)")
+
+
+def uvicorn_config(settings: Settings, host: str, port: int) -> uvicorn.Config:
+    """The server's configuration. `limit_concurrency` bounds open connections plus in-flight
+    requests: beyond `max_connections` uvicorn answers 503 at once instead of letting an
+    overload pile up memory and latency."""
+    return uvicorn.Config(
         create_app(settings),
         host=host,
         port=port,
@@ -47,11 +57,8 @@ def run(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, **overrid
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
         access_log=False,
         proxy_headers=True,
+        limit_concurrency=settings.max_connections,
     )
-    server = uvicorn.Server(config)
-    server.run()
-    if not server.started:
-        raise SystemExit("letterrec: the service failed to start (see the log above)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     queue_size: int = Field(default=1024, ge=1, le=1_000_000)
     """Requests allowed to wait for decoding; beyond it the service answers 503 + Retry-After."""
 
+    max_connections: int = Field(default=1024, ge=1, le=1_000_000)
+    """Open connections and in-flight requests uvicorn accepts (its limit_concurrency); beyond
+    it new requests get 503 at once, so an overload cannot exhaust memory."""
+
     decode_timeout_s: float = Field(default=120.0, gt=0.0, le=3600.0)
     """With decode_process: a batch the decode child has not answered within this many seconds
     fails (503 for its requests) and the child is killed and restarted, so a hung child cannot

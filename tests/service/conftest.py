@@ -16,7 +16,7 @@ import pytest
 import redis
 import uvicorn
 
-from service.app import create_app
+from service.server import uvicorn_config
 from service.settings import Settings
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -124,16 +124,10 @@ class LiveServer:
     """One app instance behind a real uvicorn server on a free port, in a thread."""
 
     def __init__(self, settings: Settings) -> None:
-        self.app = create_app(settings)
         self.port = free_port()
-        config = uvicorn.Config(
-            self.app,
-            host="127.0.0.1",
-            port=self.port,
-            log_level="warning",
-            lifespan="on",
-            timeout_graceful_shutdown=10,
-        )
+        # The production configuration (service/server.py), so its limits are what is tested.
+        config = uvicorn_config(settings, "127.0.0.1", self.port)
+        self.app = config.app
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"

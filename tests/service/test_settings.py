@@ -79,3 +79,17 @@ def test_torch_threads_applies_to_the_decoding_threads(tiny_bundle: Path) -> Non
         assert seen == [1]  # a thread started later (as the decode executor's are) sees it too
     finally:
         torch.set_num_threads(before)
+
+
+def test_connections_beyond_max_connections_get_503_at_once(tiny_bundle: Path) -> None:
+    """uvicorn's limit_concurrency comes from the setting. uvicorn refuses a request once the
+    open connections (its own included) reach the limit, so 2 leaves room for one client: a
+    second one is refused with 503 while the first keeps its connection open."""
+    import httpx
+
+    with live_server(service_settings(tiny_bundle, max_connections=2)) as srv:
+        with srv.client() as first, httpx.Client(base_url=srv.url, timeout=10) as second:
+            assert first.get("/healthz").status_code == 200  # keep-alive: stays open
+            assert second.get("/healthz").status_code == 503
+        with srv.client() as again:  # the first connection closed: room again
+            assert again.get("/healthz").status_code == 200
