@@ -97,9 +97,8 @@ def choose_mode(
     beam_width: int = 20,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Fit the repeat prior on `valid` and pick the mode with the best validation NDCG@10; a
-    mode other than plain must beat plain by more than two standard errors of the paired
-    difference, so noise never switches a default. Returns the manifest's `recommend` entry."""
+    """Fit the repeat prior on `valid` and pick the served mode on validation NDCG@10
+    (`pick_mode`). Returns the manifest's `recommend` entry."""
     trie = ItemTrie.from_codes(codes, vocab.codebook_size)
     targets = [t for _, t in valid]
     cand = candidates(model, valid, codes, vocab, trie, beam_width, progress=progress)
@@ -114,11 +113,7 @@ def choose_mode(
         m: {**summarize(ranks_from_lists(r, targets)), "se_ndcg@10": bootstrap_se(gains[m])}
         for m, r in lists.items()
     }
-    best = "plain"
-    for mode in ("exclude_history", "repeat"):
-        diff = gains[mode] - gains["plain"]
-        if diff.mean() > 2 * bootstrap_se(diff) and gains[mode].mean() > gains[best].mean():
-            best = mode
+    best = pick_mode(gains)
     log.info(
         "recommendation mode on %d validation users: %s (NDCG@10 %s)",
         len(valid),
@@ -130,6 +125,19 @@ def choose_mode(
         "repeat_prior": prior.to_dict(),
         "validation": {"users": len(valid), **figures},
     }
+
+
+def pick_mode(gains: dict[str, np.ndarray]) -> str:
+    """The served default from per-user validation NDCG gains of each mode: modes in order of
+    simplicity (plain, exclude_history, repeat), each replacing the current choice only when it
+    beats it by more than two standard errors of the paired difference, so noise never switches
+    a default and a tie goes to the simpler mode."""
+    best = "plain"
+    for mode in ("exclude_history", "repeat"):
+        diff = gains[mode] - gains[best]
+        if diff.mean() > 2 * bootstrap_se(diff):
+            best = mode
+    return best
 
 
 def default_prior(recommend: dict[str, Any]) -> RepeatPrior:

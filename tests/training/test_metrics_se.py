@@ -26,3 +26,21 @@ def test_standard_errors_cover_every_metric() -> None:
     se = standard_errors(ranks)
     assert set(se) == {"se_recall@5", "se_recall@10", "se_ndcg@5", "se_ndcg@10"}
     assert all(v > 0 for v in se.values())
+
+
+def test_mode_switches_only_beyond_noise_and_ties_go_to_the_simpler_mode() -> None:
+    from training.repeat import pick_mode
+
+    rng = np.random.default_rng(0)
+    base = rng.random(4000) * 0.1
+    # Excluding the history clearly helps; repeat-aware is the same plus noise: exclude wins.
+    noise = rng.normal(0, 0.01, 4000)
+    gains = {"plain": base, "exclude_history": base + 0.02, "repeat": base + 0.02 + noise}
+    assert pick_mode(gains) == "exclude_history"
+    # Repeat-aware clearly beats both: repeat.
+    gains["repeat"] = base + 0.05
+    assert pick_mode(gains) == "repeat"
+    # Nothing beats plain beyond noise: plain.
+    assert pick_mode({m: base + rng.normal(0, 1e-3, 4000) * (m != "plain") for m in gains}) == (
+        "plain"
+    )
