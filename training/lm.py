@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -293,6 +294,13 @@ def soft_targets(
     return q.reshape(b, n * vocab.levels, -1), has.reshape(b, n * vocab.levels)
 
 
+def history_prompts(
+    histories: Sequence[Sequence[int]], codes: np.ndarray, vocab: CodeVocab
+) -> list[list[int]]:
+    """The prompt of each history of item rows (`[bos]` alone for an empty one)."""
+    return [vocab.prompt(codes[list(h)]) if len(h) else [vocab.bos_id] for h in histories]
+
+
 @torch.no_grad()
 def recommend(
     model: torch.nn.Module,
@@ -311,9 +319,7 @@ def recommend(
     out: list[list[int]] = []
     starts = range(0, len(histories), batch_size)
     for s in tqdm(starts, desc="beam search", unit="batch", disable=not progress):
-        prompts = [
-            vocab.prompt(codes[h]) if h else [vocab.bos_id] for h in histories[s : s + batch_size]
-        ]
+        prompts = history_prompts(histories[s : s + batch_size], codes, vocab)
         res = beam_search(decoder, prompts, trie, vocab, beam_width=beam_width, k=k)
         out.extend([[i for i in row if i >= 0] for row in res.items.tolist()])
     return out

@@ -295,7 +295,7 @@ def stage_evaluate(ws: Workspace) -> dict[str, Any]:
         "recent": evaluate_recent(
             split.train, split.test, ws.dataset().n_items, bundle.vocab.history_items
         ),
-        "sasrec": _sasrec_test(ws, bundle.vocab.history_items),
+        "sasrec": _sasrec_test(ws, split.test, bundle.vocab.history_items),
         "letterrec": gen["plain"],
     }
     if "repeat" in gen:
@@ -309,11 +309,13 @@ def stage_evaluate(ws: Workspace) -> dict[str, Any]:
     } | {"eval_seconds": gen["plain"]["eval_seconds"], "mode": recommend.get("mode", "")}
 
 
-def _sasrec_test(ws: Workspace, history_items: int) -> dict[str, Any]:
+def _sasrec_test(
+    ws: Workspace, test: list[tuple[list[int], int]], history_items: int
+) -> dict[str, Any]:
     """SASRec's test row, re-scored from its saved weights (with standard errors, on the same
     history length as the other rows); the cf stage's figures for older stage directories."""
     path = ws.stages / "sasrec.pt"
     if not path.exists():
         return json.loads((ws.stages / "sasrec.json").read_text())["test"]
     model = load_sasrec(path, ws.cfg.cf.device)
-    return sasrec_evaluate(model, ws.split().test, with_se=True, history_items=history_items)
+    return sasrec_evaluate(model, test, with_se=True, history_items=history_items)

@@ -18,6 +18,7 @@ from models.decoders import make_decoder
 from models.repeat import RepeatCandidates, RepeatPrior, fit_prior, repeat_candidates, rerank
 from models.trie import ItemTrie
 from models.vocab import CodeVocab
+from training.lm import history_prompts
 from training.metrics import bootstrap_se, gains_at, ranks_from_lists, summarize
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def candidates(
     starts = range(0, len(pairs), batch_size)
     for s in tqdm(starts, desc="beam + history scores", unit="batch", disable=not progress):
         chunk = pairs[s : s + batch_size]
-        prompts = [vocab.prompt(codes[h]) if h else [vocab.bos_id] for h, _ in chunk]
+        prompts = history_prompts([h for h, _ in chunk], codes, vocab)
         hist = [h for h, _ in chunk]
         # k = the width: all beams are candidates, as the service's engine keeps them.
         parts.append(repeat_candidates(decoder, prompts, hist, trie, vocab, beam_width, beam_width))
@@ -82,7 +83,7 @@ def excluded_lists(
     out: list[list[int]] = []
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s : s + batch_size]
-        prompts = [vocab.prompt(codes[h]) if h else [vocab.bos_id] for h, _ in chunk]
+        prompts = history_prompts([h for h, _ in chunk], codes, vocab)
         ex = [set(h[-vocab.history_items :]) if vocab.history_items else set() for h, _ in chunk]
         res = beam_search(decoder, prompts, trie, vocab, beam_width, 10, ex)
         out.extend([[i for i in row if i >= 0] for row in res.items.tolist()])
