@@ -8,6 +8,13 @@ The language model is run by a `Decoder` (models/decoders.py): the shared-prefix
 one history KV cache per user for all its beams; `FusedDecoder` (models/fused_decoder.py, the
 default for Llama/Qwen2) does so over weights re-laid out for fewer, larger kernels.
 
+New items (rows added after training, e.g. by POST /tokenize) can be favoured by a per-request
+bonus b >= 0 in log-probability units: the search ranks identifiers by log P(identifier) + b when
+the item is new. It stays exact in the sense of the beam: a prefix is ranked by its log-probability
+plus b when some new item lies under it (an upper bound on the bonus any completion can collect,
+so no prefix leading to a new item is pruned for lacking a bonus it would get), and at the last
+level that is exactly the bonused score of the item. With b = 0 the search is the plain one.
+
 Per-request exclusions are exact: a code is allowed iff the active items under the extended prefix
 outnumber the excluded active items under it, so a prefix whose items are all excluded is masked
 at every level, exactly as if the excluded items were not in the trie.
@@ -31,6 +38,24 @@ from models.vocab import CodeVocab
 class BeamSearchOutput:
     items: torch.Tensor  # [B, k] int64 item indices, best first; -1 where fewer than k exist
     scores: torch.Tensor  # [B, k] float32 summed masked log-probs; -inf where items is -1
+
+
+@dataclass(frozen=True)
+class NewItemBonus:
+    """Favour the items of rows >= `first_row` (added after training) by `bonus[b]` for prompt
+    b (log-probability units, >= 0)."""
+
+    first_row: int
+    bonus: Sequence[float]
+
+    def __post_init__(self) -> None:
+        bad = [b for b in self.bonus if not (b >= 0 and b < float("inf"))]
+        if bad:
+            raise ValueError(f"new-item bonus must be finite and >= 0, got {bad[0]}")
+
+    @property
+    def active(self) -> bool:
+        return any(b > 0 for b in self.bonus)
 
 
 # ---- pure steps ----------------------------------------------------------------------------
@@ -97,10 +122,13 @@ def beam_search(
     beam_width: int = 20,
     k: int = 10,
     excludes: Sequence[Collection[int]] | None = None,
+    new_items: NewItemBonus | None = None,
 ) -> BeamSearchOutput:
     """Top-k active items per prompt by constrained beam search (width max(beam_width, k)).
 
     `model` is an HF causal LM (a decoder is chosen by `make_decoder`) or a `Decoder`.
+    `new_items`: favour items added after training (see the module docstring); the returned
+    scores then include the bonus.
     """
     if trie.levels != vocab.levels or trie.codebook_size != vocab.codebook_size:
         raise ValueError(
@@ -121,16 +149,32 @@ def beam_search(
     scores[:, 0] = 0.0
     keys = torch.zeros(b, width, dtype=torch.int64, device=device)  # [B, W]
     step_logits = logits[:, None, :]  # [B, 1, V], broadcast over the beams
+    fresh, bonus = None, None
+    if new_items is not None and new_items.active:
+        if len(new_items.bonus) != b:
+            raise ValueError(f"{len(new_items.bonus)} new-item bonuses for {b} prompts")
+        fresh = trie.since(new_items.first_row).tensors(device)
+        bonus = torch.tensor(list(new_items.bonus), dtype=torch.float32, device=device)[:, None]
+    ranked = scores
     for t in range(vocab.levels):
         counts = tt.child_counts(keys, t)  # [B, W, N]
         allowed = allowed_codes(counts, keys, ex_keys, ex_codes[:, :, t], ex_valid)
         lp = masked_log_probs(step_logits, vocab.level_start(t), n, allowed)  # [B, W, N]
-        scores, parent, code = select_beams(scores, lp, width)
+        if fresh is None:
+            ranked, parent, code = select_beams(scores, lp, width)
+            scores = ranked
+        else:
+            assert bonus is not None
+            # Rank by log-prob + the bonus of a prefix with a new item under it; carry the
+            # log-prob alone to the next level.
+            lift = (fresh.child_counts(keys, t) > 0) * bonus[:, :, None]  # [B, W, N]
+            ranked, parent, code = select_beams(scores, lp + lift, width)
+            scores = ranked - lift.flatten(1).gather(1, parent * n + code)
         keys = keys.gather(1, parent) * n + code
         ex_keys = ex_keys * n + ex_codes[:, :, t]
         if t < vocab.levels - 1:
             step_logits = decoder.step(state, parent, code + vocab.level_start(t))
-    return _finish(tt.items_of(keys), scores, k)
+    return _finish(tt.items_of(keys), ranked, k)
 
 
 def _finish(items: torch.Tensor, scores: torch.Tensor, k: int) -> BeamSearchOutput:

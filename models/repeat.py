@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.beam import BeamSearchOutput, beam_search
+from models.beam import BeamSearchOutput, NewItemBonus, beam_search
 from models.decoders import Decoder, make_decoder
 from models.trie import ItemTrie
 from models.vocab import CodeVocab
@@ -118,10 +118,12 @@ def repeat_candidates(
     beam_width: int = 20,
     k: int = 10,
     excludes: Sequence[Collection[int]] | None = None,
+    new_items: NewItemBonus | None = None,
 ) -> RepeatCandidates:
-    """Beam search plus the exact scores of each user's recent, allowed items."""
+    """Beam search plus the exact scores of each user's recent, allowed items (with the
+    new-item bonus where one applies, as the beam scores them)."""
     decoder: Decoder = model if hasattr(model, "prefill") else make_decoder(model)
-    beam = beam_search(decoder, prompts, trie, vocab, beam_width, k, excludes)
+    beam = beam_search(decoder, prompts, trie, vocab, beam_width, k, excludes, new_items)
     table, active = trie.codes_array(), trie.active_mask()
     per_user = []
     for u, hist in enumerate(histories):
@@ -135,6 +137,10 @@ def repeat_candidates(
         if items:
             cand[u, : len(items)] = table[items]
     lp = identifier_log_probs(decoder, prompts, cand, vocab).numpy() if width else None
+    if lp is not None and new_items is not None and new_items.active:
+        for u, (items, _, _) in enumerate(per_user):
+            is_new = np.asarray(items, dtype=np.int64) >= new_items.first_row
+            lp[u, : len(items)] += new_items.bonus[u] * is_new
     return RepeatCandidates(
         beam,
         [p[0] for p in per_user],
@@ -148,7 +154,7 @@ def rerank_one(
     beam_items: Sequence[int],
     beam_scores: Sequence[float],
     items: Sequence[int],
-    scores: Sequence[float],
+    scores: Sequence[float] | np.ndarray,
     position: np.ndarray,
     visits: np.ndarray,
     prior: RepeatPrior,

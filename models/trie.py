@@ -163,6 +163,7 @@ class ItemTrie:
             _build_level(empty, d, levels, codebook_size, empty) for d in range(1, levels + 1)
         ]
         self._tensors: dict[str, tuple[int, TrieTensors]] = {}
+        self._since: tuple[int, int, ItemTrie] | None = None
 
     # ---- building -------------------------------------------------------------------------
     @classmethod
@@ -252,6 +253,23 @@ class ItemTrie:
         view = self._active[: self._n]
         view.flags.writeable = False
         return view
+
+    def since(self, first_row: int) -> ItemTrie:
+        """The active items of rows >= `first_row` as a trie of their own (renumbered from 0;
+        its counts say which prefixes lead to such an item). Cached until the next
+        add/deactivate."""
+        cached = self._since
+        if cached is not None and cached[:2] == (self.version, first_row):
+            return cached[2]
+        start = min(max(first_row, 0), self._n)
+        rows = start + np.flatnonzero(self._active[start : self._n])
+        sub = (
+            ItemTrie.from_codes(self._codes[rows], self.codebook_size)
+            if rows.size
+            else ItemTrie(self.levels, self.codebook_size)
+        )
+        self._since = (self.version, first_row, sub)
+        return sub
 
     def child_count(self, prefix: Sequence[int]) -> np.ndarray:
         """Active items under prefix + (c,) for every code c: [N] int32 (0 <= len(prefix) < L)."""

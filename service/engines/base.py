@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from models.beam import NewItemBonus
 from models.repeat import RepeatPrior
 from models.trie import ItemTrie
 
@@ -22,6 +23,11 @@ class DecodeRequest:
     """The known history as catalogue rows, oldest first (the repeat-aware mode's candidates)."""
     prior: RepeatPrior | None = None
     """Repeat-aware mode (models/repeat.py) with this prior; None = the plain beam search."""
+    new_bonus: float = 0.0
+    """Log-probability bonus of items added after training (rows >= `new_from`), applied
+    exactly inside the search (models.beam.NewItemBonus); 0 = none."""
+    new_from: int = 0
+    """The first catalogue row added after training (the bundle's catalogue size)."""
 
 
 @dataclass(frozen=True)
@@ -29,9 +35,20 @@ class Recommendation:
     item_index: int
     score: float
     """Sum over the L tokens of the masked log-softmax (plus the repeat prior for an item of the
-    history in the repeat-aware mode)."""
+    history in the repeat-aware mode, plus the new-item bonus for an item added after
+    training)."""
     from_history: bool = False
     """Added by the repeat-aware mode as one of the user's recent items."""
+
+
+def new_item_bonus(requests: Sequence[DecodeRequest]) -> NewItemBonus | None:
+    """The batch's new-item bonus for `models.beam`, None when no request asks for one."""
+    if not any(r.new_bonus > 0 for r in requests):
+        return None
+    firsts = {r.new_from for r in requests if r.new_bonus > 0}
+    if len(firsts) > 1:
+        raise ValueError(f"requests of one batch name different first new rows {sorted(firsts)}")
+    return NewItemBonus(firsts.pop(), [r.new_bonus for r in requests])
 
 
 DTYPES = ("float32", "bfloat16", "float16")

@@ -27,6 +27,7 @@ from service.engines.base import (
     DecodeRequest,
     Recommendation,
     check_engine_args,
+    new_item_bonus,
 )
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ class TorchEngine(DecodeEngine):
             beam_width=self.beam_width,
             k=k,
             excludes=[r.exclude for r in requests],
+            new_items=new_item_bonus(requests),
         )
         items, scores = result.items.tolist(), result.scores.tolist()
         out = []
@@ -141,6 +143,7 @@ class TorchEngine(DecodeEngine):
             beam_width=self.beam_width,
             k=max(k, self.beam_width),
             excludes=[r.exclude for r in requests],
+            new_items=new_item_bonus(requests),
         )
         items, scores = cand.beam.items.tolist(), cand.beam.scores.tolist()
         out = []

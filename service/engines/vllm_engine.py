@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.beam import NewItemBonus
 from models.repeat import history_candidates, rerank_one
 from models.trie import ItemTrie
 from models.trie_tensors import TrieTensors
@@ -55,6 +56,7 @@ from service.engines.base import (
     DecodeRequest,
     Recommendation,
     check_engine_args,
+    new_item_bonus,
 )
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,8 @@ class _Search:
     keys: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))  # [B]
     paths: list[list[int]] = field(default_factory=lambda: [[]])  # B x level codes
     scores: np.ndarray = field(default_factory=lambda: np.zeros(1))  # [B] float64
+    ranked: np.ndarray = field(default_factory=lambda: np.zeros(1))  # [B] scores + new-item lift
+    bonus: float = 0.0  # the request's new-item bonus (0 when the batch has none)
 
     @property
     def done(self) -> bool:
@@ -204,16 +208,25 @@ class VllmEngine(DecodeEngine):
         self, requests: Sequence[DecodeRequest], trie: ItemTrie, tensors: TrieTensors
     ) -> list[list[Recommendation]]:
         searches = [self._new_search(r, trie) for r in requests]
+        new = new_item_bonus(requests)
+        fresh = trie.since(new.first_row).tensors("cpu") if new is not None else None
+        for s, bonus in zip(searches, new.bonus if new is not None else (), strict=False):
+            s.bonus = bonus
         for level in range(self.vocab.levels):
             calls = self._calls(searches, level, tensors)
             logprobs = self._score(calls)
-            _advance(searches, calls, logprobs, self.vocab.codebook_size)
+            lifts = _lifts(searches, level, fresh) if fresh is not None else None
+            _advance(searches, calls, logprobs, self.vocab.codebook_size, lifts)
         if not any(r.prior is not None for r in requests):
             return [_results(s, tensors) for s in searches]
-        return self._repeat(searches, trie, tensors)
+        return self._repeat(searches, trie, tensors, new)
 
     def _repeat(
-        self, searches: list[_Search], trie: ItemTrie, tensors: TrieTensors
+        self,
+        searches: list[_Search],
+        trie: ItemTrie,
+        tensors: TrieTensors,
+        new: NewItemBonus | None,
     ) -> list[list[Recommendation]]:
         """The repeat-aware requests: each recent, allowed item scored exactly (one vLLM call
         per code level on the prompt + the item's earlier codes, prefix-cached), merged with
@@ -239,6 +252,9 @@ class VllmEngine(DecodeEngine):
         totals = [np.zeros(len(c[0])) for c in cands]
         for call, lp in zip(calls, logprobs, strict=True):
             totals[call.search][call.beam] += float(lp[0])
+        if new is not None:
+            for s_idx, (items, _, _) in enumerate(cands):
+                totals[s_idx] += searches[s_idx].bonus * (np.asarray(items) >= new.first_row)
         out = []
         for s_idx, search in enumerate(searches):
             r = search.request
@@ -322,6 +338,14 @@ def _allowed(searches: list[_Search], level: int, tensors: TrieTensors) -> list[
     return [c > 0 for c in out]
 
 
+def _lifts(searches: list[_Search], level: int, fresh: TrieTensors) -> list[np.ndarray]:
+    """Per search, [B, N] float: its bonus where a new item lies under (beam prefix + code)."""
+    keys = np.concatenate([s.keys for s in searches])
+    counts = fresh.child_counts(torch.from_numpy(keys), level).numpy()
+    splits = np.cumsum([s.keys.size for s in searches])[:-1]
+    return [s.bonus * (c > 0) for s, c in zip(searches, np.split(counts, splits), strict=True)]
+
+
 def _subtract_excluded(counts: np.ndarray, search: _Search, level: int, n: int) -> None:
     """counts [B, N] -= excluded active items under each (beam prefix + code)."""
     powers = n ** np.arange(level - 1, -1, -1, dtype=np.int64)
@@ -331,9 +355,14 @@ def _subtract_excluded(counts: np.ndarray, search: _Search, level: int, n: int) 
 
 
 def _advance(
-    searches: list[_Search], calls: list[_Call], logprobs: list[np.ndarray], n: int
+    searches: list[_Search],
+    calls: list[_Call],
+    logprobs: list[np.ndarray],
+    n: int,
+    lifts: list[np.ndarray] | None = None,
 ) -> None:
-    """Keep each search's top-`width` (beam, code) pairs by cumulative log-probability."""
+    """Keep each search's top-`width` (beam, code) pairs by cumulative log-probability plus,
+    with `lifts` (per search [B, N]), the new-item bonus of the extended prefix."""
     per_search: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     for call, lp in zip(calls, logprobs, strict=True):
         cand_beam = np.full(call.codes.size, call.beam, dtype=np.int64)
@@ -347,28 +376,31 @@ def _advance(
         lp = np.concatenate([p[1] for p in parts])  # [C]
         beam, code = flat // n, flat % n
         total = search.scores[beam] + lp
+        ranked = total + lifts[s_idx][beam, code] if lifts is not None else total
         # Stable sort on (-score): equal scores keep (beam, code) order, as torch.topk tends to.
-        keep = np.argsort(-total, kind="stable")[: search.width]
+        keep = np.argsort(-ranked, kind="stable")[: search.width]
         beam, code = beam[keep], code[keep]
         search.keys = search.keys[beam] * n + code
         search.paths = [
             search.paths[b] + [c] for b, c in zip(beam.tolist(), code.tolist(), strict=True)
         ]
         search.scores = total[keep]
+        search.ranked = ranked[keep]
 
 
 def _kill(search: _Search) -> None:
     search.keys = search.keys[:0]
     search.paths = []
     search.scores = search.scores[:0]
+    search.ranked = search.ranked[:0]
 
 
 def _results(search: _Search, tensors: TrieTensors) -> list[Recommendation]:
     if search.done:
         return []
     items = tensors.items_of(torch.from_numpy(search.keys)).numpy()
-    order = np.argsort(-search.scores, kind="stable")[: search.request.k]
-    return [Recommendation(int(items[i]), float(search.scores[i])) for i in order if items[i] >= 0]
+    order = np.argsort(-search.ranked, kind="stable")[: search.request.k]
+    return [Recommendation(int(items[i]), float(search.ranked[i])) for i in order if items[i] >= 0]
 
 
 def _with_k(request: DecodeRequest, k: int) -> DecodeRequest:
