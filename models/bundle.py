@@ -112,7 +112,8 @@ class Manifest:
     recommend: dict[str, Any] = field(default_factory=dict)
     """Recommendation defaults chosen on validation (`training.repeat`): `mode` ('plain',
     'exclude_history' or 'repeat'), `repeat_prior` (models.repeat.RepeatPrior) and the
-    validation figures behind the choice. Empty in bundles without a fitted recommender:
+    validation figures behind the choice; `new_item_bonus` (models.beam.NewItemBonus, fitted
+    by the new-item protocol of `letterrec evaluate --cold-items`). Empty in bundles without a fitted recommender:
     the service then excludes history items, as before."""
 
     def to_dict(self) -> dict[str, Any]:

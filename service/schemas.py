@@ -50,6 +50,11 @@ class RecommendRequest(_Strict):
     """Repeat-aware mode: the user's recent items compete with the beam's, each scored exactly
     by the model plus a repeat prior fitted on validation (needs the history not excluded).
     Default: on when the bundle's chosen mode is 'repeat'."""
+    new_item_bonus: float | None = Field(None, ge=0.0, le=1000.0)
+    """Log-probability bonus for items added after training (POST /tokenize), applied exactly
+    inside the search: identifiers are ranked by log P + bonus for new items. Default: the
+    bundle's (manifest `recommend.new_item_bonus`, fitted by `letterrec evaluate
+    --cold-items`; 0 when absent)."""
 
     model_config = ConfigDict(
         json_schema_extra={"examples": [{"history": ["1", "2"], "k": 10, "exclude": []}]}
@@ -59,7 +64,8 @@ class RecommendRequest(_Strict):
 class RecommendedItem(BaseModel):
     item_id: str
     score: float
-    """Sum over the identifier's tokens of the masked log-softmax (a log-probability)."""
+    """Sum over the identifier's tokens of the masked log-softmax (a log-probability), plus the
+    repeat prior for an item from the history and the new-item bonus for a new item."""
     codes: list[int]
     title: str
     from_history: bool = False

@@ -77,13 +77,16 @@ class RecommendDefaults:
 
     mode: str = "exclude_history"
     prior: RepeatPrior | None = None
+    new_item_bonus: float = 0.0
 
     @classmethod
     def from_manifest(cls, recommend: dict[str, Any]) -> RecommendDefaults:
-        if not recommend:
-            return cls()  # bundles without a fitted mode: history excluded, as always
+        bonus = float(recommend.get("new_item_bonus", 0.0))
+        if "repeat_prior" not in recommend:
+            # Bundles without a fitted mode: history excluded, as always.
+            return cls(new_item_bonus=bonus)
         prior = RepeatPrior.from_dict(recommend["repeat_prior"])
-        return cls(mode=str(recommend.get("mode", "plain")), prior=prior)
+        return cls(mode=str(recommend.get("mode", "plain")), prior=prior, new_item_bonus=bonus)
 
 
 class ServingRecommend:
@@ -147,6 +150,10 @@ class ServingRecommend:
             exclude=frozenset(exclude),
             history=tuple(recent) if repeat else (),
             prior=self.defaults.prior if repeat else None,
+            new_bonus=(
+                self.defaults.new_item_bonus if req.new_item_bonus is None else req.new_item_bonus
+            ),
+            new_from=live.n_bundle,
         )
         return decode, ignored
 

@@ -215,6 +215,25 @@ def test_tokenize_lifecycle(client: httpx.Client, bundle: Bundle) -> None:
     assert ids(rec(client, k=5, exclude=bundle.catalogue.item_ids)) == ["new-1"]
 
 
+def test_new_item_bonus_promotes_tokenized_items(client: httpx.Client, bundle: Bundle) -> None:
+    """new_item_bonus lifts items added after training inside the search: with a bonus beyond
+    any log-prob gap the tokenized items come first (scored log P + bonus); 0 is the default
+    of a bundle without a fitted bonus; a negative bonus is a 422 naming the field."""
+    item = {"item_id": "fresh-1", "title": "Lakeside dumpling house"}
+    assert client.post("/tokenize", json={"items": [item]}, headers=AUTH).status_code == 200
+    history = bundle.catalogue.item_ids[:3]
+    plain = rec(client, k=10, history=history)
+    zero = rec(client, k=10, history=history, new_item_bonus=0.0)
+    assert ids(zero) == ids(plain)
+    lifted = rec(client, k=10, history=history, new_item_bonus=500.0).json()["items"]
+    flags = [it["new"] for it in lifted]
+    assert flags[0] and flags == sorted(flags, reverse=True)  # every new item before the rest
+    assert "fresh-1" in [it["item_id"] for it in lifted]
+    assert all(it["score"] > 400 for it in lifted if it["new"])
+    bad = rec(client, k=10, history=history, new_item_bonus=-1)
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-1] == "new_item_bonus"
+
+
 def test_tokenize_a_batch_gets_unique_codes(client: httpx.Client, bundle: Bundle) -> None:
     items = [{"item_id": f"twin-{i}", "title": "Identical corner bakery"} for i in range(4)]
     r = client.post("/tokenize", json={"items": items}, headers=AUTH)

@@ -16,9 +16,10 @@ from transformers import AutoModelForCausalLM
 
 from models.bundle import Bundle
 from models.repeat import RepeatPrior, identifier_log_probs
-from tests.service.conftest import LiveServer, live_server, service_settings
+from tests.service.conftest import AUTH, LiveServer, live_server, service_settings
 
 PRIOR = RepeatPrior(bias=2.0, recency=-0.5, frequency=1.0)
+NEW_ITEM_BONUS = 300.0
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,11 @@ def repeat_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -
     root = tmp_path_factory.mktemp("repeat") / "bundle"
     shutil.copytree(tiny_bundle, root)
     manifest = json.loads((root / "manifest.json").read_text())
-    manifest["recommend"] = {"mode": "repeat", "repeat_prior": PRIOR.to_dict()}
+    manifest["recommend"] = {
+        "mode": "repeat",
+        "repeat_prior": PRIOR.to_dict(),
+        "new_item_bonus": NEW_ITEM_BONUS,
+    }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 
@@ -111,3 +116,18 @@ def test_batch_mixes_modes_and_each_answer_matches_its_single_request(
         single = post(client, **req)
         assert got["mode"] == single["mode"]
         assert [it["item_id"] for it in got["items"]] == [it["item_id"] for it in single["items"]]
+
+
+def test_manifest_new_item_bonus_is_the_default(client: httpx.Client, repeat_bundle: Path) -> None:
+    """The bundle's fitted new-item bonus applies when a request does not set one: a tokenized
+    item comes first (scored log P + 300); an explicit 0 answers as the plain search."""
+    bundle = Bundle.load(repeat_bundle)
+    item = {"item_id": "arrival-1", "title": "Night market skewers"}
+    r = client.post("/tokenize", json={"items": [item]}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    history = [bundle.catalogue.item_ids[i] for i in (4, 9)]
+    default = post(client, history=history, k=10)
+    assert default["items"][0]["item_id"] == "arrival-1" and default["items"][0]["new"]
+    assert default["items"][0]["score"] > NEW_ITEM_BONUS - 100
+    off = post(client, history=history, k=10, new_item_bonus=0)
+    assert all(it["score"] < NEW_ITEM_BONUS - 100 for it in off["items"])  # no bonus anywhere
