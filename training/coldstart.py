@@ -15,8 +15,12 @@ Protocol:
   `ItemTokenizer.encode` with the catalogue's identifiers taken: the call POST /tokenize makes,
   so their identifiers are unique; they join the trie.
 - Test: the full dataset's leave-one-out test users (their histories may hold cold items; the
-  recommender's prompt shows their codes, SASRec cannot see them and skips them). Rows: LETTER
-  (this cold-start model), SASRec (0 on cold targets by construction: it has no embedding for
+  recommender's prompt shows their codes, SASRec cannot see them and skips them). The catalogue
+  is served as the service holds it (bundle rows, then tokenized rows) and the new-item bonus
+  (models.beam.NewItemBonus) is fitted on validation users (BONUS_GRID, best NDCG@10); it goes
+  into the manifests of the cold-start bundle and of the bundle trained on everything, whose
+  later arrivals it serves. Rows: LETTER (this cold-start model with the fitted bonus), LETTER
+  (no new-item bonus), SASRec (0 on cold targets by construction: it has no embedding for
   an item it never saw), Content (cosine of item text embeddings to the mean of the user's last
   5 items, history excluded: the usual cold-start answer), Popularity (warm training counts),
   and, when BUNDLE holds a model trained on the whole catalogue, `LETTER (full catalogue)` for
@@ -32,10 +36,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from models.bundle import Bundle
 from models.item_tokenizer import ItemTokenizer
 from models.recommender import load_lm
+from models.trie import ItemTrie
 from models.vocab import CodeVocab
 from training.cf import left_pad
 from training.data import Dataset, leave_one_out
@@ -91,6 +97,103 @@ def encode_cold(
     their text, with every catalogue identifier taken (so all are unique)."""
     taken = {tuple(int(c) for c in row) for row in warm_codes}
     return tokenizer.encode(items, is_taken=lambda t: tuple(t) in taken)
+
+
+BONUS_GRID = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+"""New-item bonuses tried on validation (log-probability units)."""
+FIT_USERS = 4000
+"""Validation users the bonus is fitted on (a seeded sample when there are more)."""
+
+
+@dataclasses.dataclass
+class ServedCatalogue:
+    """The catalogue as the service holds it after POST /tokenize: the warm (bundle) rows
+    first, the cold (tokenized) rows after them. Maps the dataset's rows to and fro."""
+
+    codes: np.ndarray  # [n, L] identifiers by dataset row
+    keep: np.ndarray  # dataset rows of the warm items, in bundle order
+    cold: np.ndarray  # dataset rows of the cold items
+    codebook_size: int
+
+    def __post_init__(self) -> None:
+        self.order = np.concatenate([self.keep, self.cold])  # served row -> dataset row
+        self.row = np.empty_like(self.order)
+        self.row[self.order] = np.arange(len(self.order))  # dataset row -> served row
+        self.trie = ItemTrie.from_codes(self.codes[self.order], self.codebook_size)
+
+    def recommend(
+        self,
+        model: Any,
+        histories: list[list[int]],
+        vocab: CodeVocab,
+        beam_width: int,
+        bonus: float,
+        progress: bool = False,
+    ) -> list[list[int]]:
+        """Top-10 dataset rows per history (dataset rows), new items favoured by `bonus`."""
+        served = [self.row[h].tolist() for h in histories]
+        recs = recommend(
+            model,
+            served,
+            self.codes[self.order],
+            vocab,
+            self.trie,
+            10,
+            beam_width,
+            progress=progress,
+            new_from=len(self.keep),
+            new_bonus=bonus,
+        )
+        return [self.order[r].tolist() for r in recs]
+
+
+def fit_pairs(valid: list[tuple[list[int], int]], cfg: Any) -> list[tuple[list[int], int]]:
+    """The validation users the bonus is fitted on: all, or a seeded sample of FIT_USERS."""
+    if len(valid) <= FIT_USERS:
+        return valid
+    pick = np.random.default_rng(cfg.lm.seed + 3).permutation(len(valid))[:FIT_USERS]
+    return [valid[i] for i in sorted(pick)]
+
+
+def fit_new_item_bonus(
+    model: Any,
+    pairs: list[tuple[list[int], int]],
+    served: ServedCatalogue,
+    vocab: CodeVocab,
+    beam_width: int,
+    progress: bool = False,
+    grid: tuple[float, ...] = BONUS_GRID,
+) -> dict[str, Any]:
+    """The bonus of `grid` with the best validation NDCG@10 (ties to the smaller), with every
+    grid point's figures and the paired standard error of the best against no bonus."""
+    targets = [t for _, t in pairs]
+    hists = [h for h, _ in pairs]
+    gains: dict[float, np.ndarray] = {}
+    table = []
+    for b in tqdm(grid, desc="new-item bonus", unit="value", disable=not progress):
+        recs = served.recommend(model, hists, vocab, beam_width, b)
+        ranks = ranks_from_lists(recs, targets)
+        gains[b] = gains_at(ranks, 10)
+        cold = np.isin(targets, served.cold)
+        table.append(
+            {
+                "bonus": b,
+                "ndcg@10": float(gains[b].mean()),
+                "recall@10": float((ranks < 10).mean()),
+                "recall@10_cold": float((ranks[cold] < 10).mean()) if cold.any() else 0.0,
+            }
+        )
+    best = max(grid, key=lambda b: (round(float(gains[b].mean()), 12), -b))
+    diff = gains[best] - gains[grid[0]]
+    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    return {
+        "new_item_bonus": float(best),
+        "users": len(pairs),
+        "cold_targets": int(np.isin(targets, served.cold).sum()),
+        "gain_ndcg@10": float(diff.mean()),
+        "se_gain_ndcg@10": se,
+        "grid": table,
+    }
 
 
 @torch.no_grad()
@@ -186,16 +289,23 @@ def evaluate_coldstart(ws: Any, share: float) -> dict[str, Any]:
 
     split = leave_one_out(ds, cfg.max_history)
     pairs = split.test
-    from models.trie import ItemTrie
-
-    trie = ItemTrie.from_codes(codes, vocab.codebook_size)
+    # Serve as the service does: the bundle's rows first, then the tokenized ones, so the
+    # new-item bonus applies to rows >= the warm catalogue's size.
+    served = ServedCatalogue(codes, keep, cold, vocab.codebook_size)
     model = load_lm(bundle.lm_dir, cfg.lm.device)
+    fit = fit_new_item_bonus(
+        model, fit_pairs(split.valid, cfg), served, vocab, cfg.lm.beam_width, ws.progress
+    )
+    bonus = fit["new_item_bonus"]
     t1 = time.perf_counter()
     hists = [h for h, _ in pairs]
-    letter = recommend(
-        model, hists, codes, vocab, trie, 10, cfg.lm.beam_width, progress=ws.progress
-    )
+    letter = served.recommend(model, hists, vocab, cfg.lm.beam_width, bonus, ws.progress)
     eval_seconds = time.perf_counter() - t1
+    unboosted = (
+        served.recommend(model, hists, vocab, cfg.lm.beam_width, 0.0, ws.progress)
+        if bonus > 0
+        else letter
+    )
     sasrec = load_sasrec(wws.stages / "sasrec.pt", cfg.cf.device)
     pop = item_popularity(
         [[int(keep[i]) for i in s] for s in leave_one_out(warm_ds).train], ds.n_items
@@ -205,7 +315,8 @@ def evaluate_coldstart(ws: Any, share: float) -> dict[str, Any]:
         pipeline.stage_embed(ws)
         emb = np.load(ws.stages / "embeddings.npy")
     rows = [
-        {"model": "LETTER", **metrics(letter, pairs, cold)},
+        {"model": "LETTER", "new_item_bonus": bonus, **metrics(letter, pairs, cold)},
+        {"model": "LETTER (no new-item bonus)", **metrics(unboosted, pairs, cold)},
         {"model": "SASRec", **metrics(sasrec_lists(sasrec, pairs, warm_row, keep), pairs, cold)},
         {"model": "Content", **metrics(content_lists(emb, pairs), pairs, cold)},
         {
@@ -213,6 +324,8 @@ def evaluate_coldstart(ws: Any, share: float) -> dict[str, Any]:
             **metrics([np.argsort(-pop, kind="stable")[:10].tolist()] * len(pairs), pairs, cold),
         },
     ]
+    bundle.manifest.recommend = {**bundle.manifest.recommend, "new_item_bonus": bonus}
+    bundle.save()
     if (ws.out / "lm" / "config.json").exists():
         full = Bundle.load(ws.out)
         if len(full.catalogue) == ds.n_items:
@@ -229,6 +342,9 @@ def evaluate_coldstart(ws: Any, share: float) -> dict[str, Any]:
                 progress=ws.progress,
             )
             rows.append({"model": "LETTER (full catalogue)", **metrics(recs, pairs, cold)})
+            # The bonus carries over: the bundle trained on everything serves later arrivals.
+            full.manifest.recommend = {**full.manifest.recommend, "new_item_bonus": bonus}
+            full.save()
     return {
         "share": share,
         "cold_items": len(cold),
@@ -236,6 +352,7 @@ def evaluate_coldstart(ws: Any, share: float) -> dict[str, Any]:
         "test_users": len(pairs),
         "rule": "newest = fewest interactions made by any user after first visiting the item",
         "rows": rows,
+        "new_item_bonus": fit,
         "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
         "config": cfg.to_dict(),

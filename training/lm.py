@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from models.beam import beam_search
+from models.beam import NewItemBonus, beam_search
 from models.decoders import make_decoder
 from models.recommender import RecommenderConfig, build_model
 from models.trie import ItemTrie
@@ -312,15 +312,19 @@ def recommend(
     beam_width: int = 20,
     batch_size: int = 256,
     progress: bool = False,
+    new_from: int = 0,
+    new_bonus: float = 0.0,
 ) -> list[list[int]]:
-    """Top-k item rows per history by trie-constrained beam search."""
+    """Top-k item rows per history by trie-constrained beam search; with `new_bonus`, rows
+    >= `new_from` are favoured by it (models.beam.NewItemBonus)."""
     model.eval()
     decoder = make_decoder(model)  # once: the fused decoder re-lays out the weights
     out: list[list[int]] = []
     starts = range(0, len(histories), batch_size)
     for s in tqdm(starts, desc="beam search", unit="batch", disable=not progress):
         prompts = history_prompts(histories[s : s + batch_size], codes, vocab)
-        res = beam_search(decoder, prompts, trie, vocab, beam_width=beam_width, k=k)
+        new = NewItemBonus(new_from, [new_bonus] * len(prompts)) if new_bonus > 0 else None
+        res = beam_search(decoder, prompts, trie, vocab, beam_width=beam_width, k=k, new_items=new)
         out.extend([[i for i in row if i >= 0] for row in res.items.tolist()])
     return out
 

@@ -262,6 +262,8 @@ def stage_mode(ws: Workspace) -> dict[str, Any]:
         ws.cfg.lm.beam_width,
         progress=ws.progress,
     )
+    if "new_item_bonus" in bundle.manifest.recommend:  # fitted by the new-item protocol
+        chosen["new_item_bonus"] = bundle.manifest.recommend["new_item_bonus"]
     bundle.manifest.recommend = chosen
     bundle.save()
     summary = {**chosen, "seconds": time.perf_counter() - t0}

@@ -62,3 +62,54 @@ def test_content_baseline_and_metrics_by_hand() -> None:
     assert m["cold_targets"] == 1
     assert m["recall@10_cold"] == 1.0 and m["ndcg@10_cold"] == 1.0
     assert m["recall@10_warm"] == 1.0  # item 0 is somewhere in the 10 of 11 remaining
+
+
+def _tiny_lm(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from models.vocab import CodeVocab
+    from tests.lmfactory import make_tiny_llama, random_catalogue
+
+    vocab = CodeVocab(levels=2, codebook_size=8, history_items=4)
+    path = make_tiny_llama(vocab, tmp_path, init_std=0.2)
+    model = AutoModelForCausalLM.from_pretrained(path).to(torch.float64).eval()
+    return model, vocab, random_catalogue(40, 2, 8, seed=4)
+
+
+def test_served_catalogue_puts_tokenized_rows_last_and_maps_back(tmp_path) -> None:
+    from training.coldstart import ServedCatalogue
+
+    model, vocab, codes = _tiny_lm(tmp_path)
+    cold = np.array([3, 17, 30])
+    keep = np.setdiff1d(np.arange(40), cold)
+    served = ServedCatalogue(codes, keep, cold, vocab.codebook_size)
+    assert served.order[-3:].tolist() == cold.tolist()
+    assert (served.order[served.row] == np.arange(40)).all()
+    hists = [[1, 3], [17, 2, 5]]
+    lifted = served.recommend(model, hists, vocab, beam_width=40, bonus=1000.0)
+    plain = served.recommend(model, hists, vocab, beam_width=40, bonus=0.0)
+    for got in lifted:
+        assert sorted(got[:3]) == cold.tolist()  # dataset rows, the cold ones first
+    assert any(set(p[:3]) != set(cold.tolist()) for p in plain)
+
+
+def test_bonus_fit_follows_the_validation_targets(tmp_path) -> None:
+    """Users who go on to pick cold items want a bonus; users who pick warm ones do not (a
+    tie or a loss keeps the smaller value, 0)."""
+    from training.coldstart import ServedCatalogue, fit_new_item_bonus
+
+    model, vocab, codes = _tiny_lm(tmp_path)
+    cold = np.array([3, 17, 30])
+    keep = np.setdiff1d(np.arange(40), cold)
+    served = ServedCatalogue(codes, keep, cold, vocab.codebook_size)
+    rng = np.random.default_rng(0)
+    hists = [rng.choice(keep, 3).tolist() for _ in range(12)]
+    to_cold = [(h, int(cold[i % 3])) for i, h in enumerate(hists)]
+    fit = fit_new_item_bonus(model, to_cold, served, vocab, 40, grid=(0.0, 1000.0))
+    assert fit["new_item_bonus"] == 1000.0 and fit["cold_targets"] == 12
+    assert fit["grid"][1]["recall@10_cold"] == 1.0 and fit["gain_ndcg@10"] > 0
+    plain = served.recommend(model, hists, vocab, 40, 0.0)
+    to_top = [(h, p[0]) for h, p in zip(hists, plain, strict=True) if p[0] not in cold]
+    fit = fit_new_item_bonus(model, to_top, served, vocab, 40, grid=(0.0, 1000.0))
+    assert fit["new_item_bonus"] == 0.0
