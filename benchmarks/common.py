@@ -1,4 +1,5 @@
-"""What every benchmark result carries: command, commit, machine, created_at."""
+"""What every benchmark result carries: command, commit, machine, created_at; and, for the
+benchmarks that run a recommender, which model it was (`model_info`)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "cpu_model": _cpu_model(),
+        "cpu_flags": cpu_flags(),
     }
     try:
         import torch
@@ -49,6 +51,104 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+"""CPU features that decide which kernels run fast: AVX2/AVX-512 float32 GEMMs, native bfloat16
+dot products (AVX512_BF16) and the AMX tile units that make bfloat16 matmuls several times faster;
+without them bfloat16 is emulated and slower than float32."""
+
+
+def cpu_flags() -> list[str]:
+    """Which of SPEED_FLAGS this CPU reports (/proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in SPEED_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def lm_shape(lm_dir: Path) -> dict[str, Any]:
+    """hidden / layers / heads / intermediate of a Hugging Face model directory (None each when
+    its config.json is missing)."""
+    cfg = _read_json(lm_dir / "config.json")
+    return {
+        "hidden": cfg.get("hidden_size"),
+        "layers": cfg.get("num_hidden_layers"),
+        "heads": cfg.get("num_attention_heads"),
+        "intermediate": cfg.get("intermediate_size"),
+    }
+
+
+def random_model_info(lm_dir: Path) -> dict[str, Any]:
+    """`model_info` of a randomly initialised model built by the benchmark itself."""
+    return {
+        "model_profile": "random",
+        "weights": "random",
+        "model": {**lm_shape(lm_dir), "bundle": None},
+    }
+
+
+def model_info(bundle_dir: Path) -> dict[str, Any]:
+    """Which model a bundle holds, for result files: `model_profile` (the training profile),
+    `weights` ('trained' or 'unknown') and `model` (its shape, the bundle path, and where each
+    answer came from).
+
+    The profile: the manifest config's `profile` entry when it has one; else the profile whose
+    whole configuration the manifest config equals (training device aside); else the profile
+    whose recommender has this model's shape (the config was an experiment file); else 'custom'.
+    The weights are 'trained' when training left its record (lm/letterrec.json written by the
+    pipeline or LoRA training, or report/lm.json), 'unknown' otherwise."""
+    from training.config import PROFILES  # lazily: it imports torch, which load.py does not need
+
+    bundle_dir = Path(bundle_dir)
+    config = _read_json(bundle_dir / "manifest.json").get("config", {})
+    shape = lm_shape(bundle_dir / "lm")
+    device = (config.get("lm") or {}).get("device", "cpu")
+    profile, how = "custom", "neither the manifest config nor the model shape match a profile"
+    if isinstance(config.get("profile"), str):
+        profile, how = config["profile"], "manifest config 'profile'"
+    elif match := [n for n, p in PROFILES.items() if p.with_device(device).to_dict() == config]:
+        profile, how = match[0], "manifest config equals the profile"
+    elif match := [n for n, p in PROFILES.items() if _same_shape(p.lm.model, shape)]:
+        profile, how = match[0], "model shape (the manifest config differs from the profile)"
+    record = _read_json(bundle_dir / "lm" / "letterrec.json")
+    if "train" in record or "lora" in record:
+        weights, evidence = "trained", "lm/letterrec.json"
+    elif (bundle_dir / "report" / "lm.json").exists():
+        weights, evidence = "trained", "report/lm.json"
+    else:
+        weights, evidence = "unknown", "no training record (lm/letterrec.json, report/lm.json)"
+    return {
+        "model_profile": profile,
+        "weights": weights,
+        "model": {
+            **shape,
+            "bundle": str(bundle_dir),
+            "profile_from": how,
+            "weights_from": evidence,
+        },
+    }
+
+
+def _same_shape(model: Any, shape: dict[str, Any]) -> bool:
+    return (model.hidden, model.layers, model.heads, model.intermediate) == (
+        shape["hidden"],
+        shape["layers"],
+        shape["heads"],
+        shape["intermediate"],
+    )
+
+
 def header() -> dict[str, Any]:
     return {
         "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
@@ -61,13 +161,22 @@ def header() -> dict[str, Any]:
 def md_header(title: str, head: dict[str, Any]) -> str:
     m = head["machine"]
     where = m.get("gpu") or f"{m.get('cpus')} x {m.get('cpu_model')}"
-    return (
+    flags = ", ".join(m.get("cpu_flags") or []) or "none of " + ", ".join(SPEED_FLAGS)
+    text = (
         f"# {title}\n\n"
         f"- command: `{head['command']}`\n"
         f"- commit: `{head['commit']}`\n"
-        f"- machine: {where}, {m.get('memory_gb')} GB, torch {m.get('torch')}\n"
-        f"- created: {head['created_at']}\n\n"
+        f"- machine: {where}, {m.get('memory_gb')} GB, torch {m.get('torch')}; "
+        f"CPU flags: {flags}\n"
     )
+    if "model_profile" in head:
+        mo = head["model"]
+        text += (
+            f"- model: profile {head['model_profile']}, {head['weights']} weights, "
+            f"hidden {mo.get('hidden')}, {mo.get('layers')} layers, "
+            + (f"bundle `{mo['bundle']}`\n" if mo.get("bundle") else "no bundle\n")
+        )
+    return text + f"- created: {head['created_at']}\n\n"
 
 
 def md_table(rows: list[dict[str, Any]], columns: list[str]) -> str:

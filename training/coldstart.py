@@ -99,7 +99,7 @@ def encode_cold(
     return tokenizer.encode(items, is_taken=lambda t: tuple(t) in taken)
 
 
-BONUS_GRID = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+BONUS_GRID = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
 """New-item bonuses tried on validation (log-probability units)."""
 FIT_USERS = 4000
 """Validation users the bonus is fitted on (a seeded sample when there are more)."""
