@@ -57,8 +57,8 @@ dot products (AVX512_BF16) and the AMX tile units that make bfloat16 matmuls sev
 without them bfloat16 is emulated and slower than float32."""
 
 
-def cpu_flags() -> list[str]:
-    """Which of SPEED_FLAGS this CPU reports (/proc/cpuinfo; empty where it cannot be read)."""
+def cpu_flags() -> list[str] | None:
+    """Which of SPEED_FLAGS this CPU reports (/proc/cpuinfo); None where it cannot be read."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -66,7 +66,7 @@ def cpu_flags() -> list[str]:
                 return [f for f in SPEED_FLAGS if f in have]
     except OSError:
         pass
-    return []
+    return None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -161,7 +161,8 @@ def header() -> dict[str, Any]:
 def md_header(title: str, head: dict[str, Any]) -> str:
     m = head["machine"]
     where = m.get("gpu") or f"{m.get('cpus')} x {m.get('cpu_model')}"
-    flags = ", ".join(m.get("cpu_flags") or []) or "none of " + ", ".join(SPEED_FLAGS)
+    flags = m.get("cpu_flags")
+    flags = "unknown" if flags is None else ", ".join(flags) or "none of " + ", ".join(SPEED_FLAGS)
     text = (
         f"# {title}\n\n"
         f"- command: `{head['command']}`\n"

@@ -20,7 +20,9 @@ Two kinds of level, with histories drawn from the bundle's catalogue (seeded):
   schedule arrivals).
 
 It writes `benchmarks/results/load-<device>.json` + `.md` (+ `.png` for open-loop levels):
-top-level `command`, `commit`, `machine`, `created_at`, `server` and `rows` of
+top-level `command`, `commit`, `machine`, `created_at`, which model the bundle holds
+(`model_profile`, `weights`, `model`: see benchmarks.common.model_info; the server is assumed to
+serve `--bundle`), `server` and `rows` of
 {mode, concurrency, offered_rate, requests, requests_per_s, p50_ms, p99_ms, errors}. The issue's
 target on the 2-core CPU: at concurrency 32, >= 100 requests/s at p99 <= 100 ms with zero errors;
 `target_met` reads it for open-loop levels (>= 100 requests/s served with 32 connections), and
@@ -47,7 +49,7 @@ from typing import Any
 import httpx
 import pyarrow.parquet as pq
 
-from benchmarks.common import RESULTS, header, md_header, md_table, write_result
+from benchmarks.common import RESULTS, header, md_header, md_table, model_info, write_result
 
 log = logging.getLogger("benchmarks.load")
 TARGET = {"concurrency": 32, "requests_per_s": 100.0, "p99_ms": 100.0, "errors": 0}
@@ -428,8 +430,20 @@ def main(argv: list[str] | None = None) -> None:
     load_start = os.getloadavg()
     server, rows = asyncio.run(benchmark(args, item_ids))
     device = args.device or server.get("device") or "unknown"
-    report = {
+    path = write(make_report(args, server, rows, load_start), args.out, device)
+    log.info("wrote %s and %s", path, path.with_suffix(".md"))
+
+
+def make_report(
+    args: argparse.Namespace,
+    server: dict[str, Any],
+    rows: list[Row],
+    load_start: tuple[float, float, float],
+) -> dict[str, Any]:
+    """The result file's content: header, the bundle's model, the server, the levels."""
+    return {
         **header(),
+        **model_info(args.bundle),
         "load_average": {"start": load_start, "end": os.getloadavg()},
         "server": {
             k: server.get(k) for k in ("engine", "device", "model_version", "catalogue_items")
@@ -445,8 +459,6 @@ def main(argv: list[str] | None = None) -> None:
         "target_met": target_met(rows, "open"),
         "closed_loop_target_met": target_met(rows, "closed"),
     }
-    path = write(report, args.out, device)
-    log.info("wrote %s and %s", path, path.with_suffix(".md"))
 
 
 if __name__ == "__main__":
