@@ -4,6 +4,7 @@
     python benchmarks/decode.py --ref-batches 1,32,256 --ref-max-items 1000000 \
         --vllm-batches 1,32,256 --vllm-max-items 1000000 --memory-batches 10000 --llm
                                                       # the full grid (hours on 2 cores)
+    python benchmarks/decode.py --bundle runs/ml      # a trained bundle on its own catalogue
 
 One model, one process. For each catalogue size it builds the ItemTrie (timed, bytes), draws
 users (20 history items each, so prompts are 81 tokens), and measures every engine at every batch
@@ -12,6 +13,10 @@ batches (it is slow); `identical_to_reference` compares the engines' top-k items
 within 1e-4) with the reference's on the same inputs. A memory-flatness run decodes many
 consecutive batches of varying shapes (with items added along the way) and reports RSS before
 and after. `--llm` adds rows for a random ~0.5B-parameter Llama (the LC-Rec case).
+
+The model is a random Llama (--hidden/--layers/--heads) on random catalogues (--items), or with
+`--bundle DIR` the bundle's recommender (DIR/lm) on the bundle's whole catalogue, histories drawn
+from its rows. Either way the result says which: `model_profile`, `weights`, `model`.
 
 Results: benchmarks/results/decode-<device>.json and .md (schema in DESIGN.md).
 """
@@ -37,7 +42,16 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import header, md_header, md_table, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    header,
+    md_header,
+    md_table,
+    model_info,
+    random_model_info,
+    write_result,
+)
+from models.bundle import Bundle, BundleError  # noqa: E402
 from models.fused_decoder import FusedDecoder  # noqa: E402
 from models.trie import ItemTrie  # noqa: E402
 from models.trie_reference import ReferenceTrie, reference_beam_search  # noqa: E402
@@ -105,7 +119,7 @@ class ReferenceEngine(DecodeEngine):
         ref = self.tries.get(id(trie))
         if ref is None:
             ref = self.tries[id(trie)] = ReferenceTrie.from_codes(
-                trie.codes_array(), VOCAB.codebook_size
+                trie.codes_array(), self.vocab.codebook_size
             )
         items, scores = reference_beam_search(
             self.model,
@@ -245,8 +259,9 @@ def paired_speedup(
 ) -> dict[str, Any]:
     """The reference and the torch engine's variants interleaved batch by batch (each round: one
     reference batch, then two batches of each variant on the same users), so all see the same
-    background load; medians per variant, speed-ups as ratios of medians."""
-    codes = random_catalogue(n_items, grid.vocab.levels, grid.vocab.codebook_size, n_items)
+    background load; medians per variant, speed-ups as ratios of medians. On a bundle's
+    catalogue when the grid has one, else on `n_items` random items."""
+    codes = grid.catalogue(n_items)
     trie = ItemTrie.from_codes(codes, grid.vocab.codebook_size)
     requests = make_requests(codes, batch * rounds, seed=11, vocab=grid.vocab)
     engines = {
@@ -299,7 +314,7 @@ def paired_speedup(
     floor_row = next((v for v in variants if v["variant"] == FLOOR), None)
     return {
         "model": grid.model_name,
-        "items": n_items,
+        "items": len(codes),
         "batch": batch,
         "rounds": rounds,
         "threads": torch.get_num_threads(),
@@ -315,13 +330,22 @@ def paired_speedup(
     }
 
 
-def trie_stats(codes: np.ndarray, n_adds: int = 1000) -> tuple[ItemTrie, dict[str, Any]]:
+def fresh_codes(codes: np.ndarray, vocab: CodeVocab, n: int, seed: int) -> np.ndarray:
+    """Up to len(codes) + n random identifiers of `vocab`'s layout (fewer where the code space
+    is smaller): candidates for items added after the catalogue, once those in it are skipped."""
+    space = vocab.codebook_size**vocab.levels
+    return random_catalogue(min(space, len(codes) + n), vocab.levels, vocab.codebook_size, seed)
+
+
+def trie_stats(
+    codes: np.ndarray, vocab: CodeVocab = VOCAB, n_adds: int = 1000
+) -> tuple[ItemTrie, dict[str, Any]]:
     before = rss_mb()
     t0 = time.perf_counter()
-    trie = ItemTrie.from_codes(codes, VOCAB.codebook_size)
+    trie = ItemTrie.from_codes(codes, vocab.codebook_size)
     build = time.perf_counter() - t0
     grown = rss_mb() - before
-    fresh = random_catalogue(len(codes) + n_adds * 2, VOCAB.levels, VOCAB.codebook_size, seed=99)
+    fresh = fresh_codes(codes, vocab, n_adds * 2, seed=99)
     probe = ItemTrie.from_bytes(trie.to_bytes())  # time adds on a copy; keep the measured trie
     add_ms = []
     for row in fresh.tolist():
@@ -338,9 +362,11 @@ def trie_stats(codes: np.ndarray, n_adds: int = 1000) -> tuple[ItemTrie, dict[st
         "bytes": len(data),
         "array_bytes": trie.nbytes(),
         "rss_growth_mb": round(grown, 1),
-        "add_ms_mean": round(float(np.mean(add_ms)), 4),
-        "add_ms_p99": round(float(np.percentile(add_ms, 99)), 4),
-        "add_ms_max": round(float(np.max(add_ms)), 3),
+        "adds": len(add_ms),
+        # None when the code space holds no free identifier (a catalogue that fills it).
+        "add_ms_mean": round(float(np.mean(add_ms)), 4) if add_ms else None,
+        "add_ms_p99": round(float(np.percentile(add_ms, 99)), 4) if add_ms else None,
+        "add_ms_max": round(float(np.max(add_ms)), 3) if add_ms else None,
     }
 
 
@@ -361,26 +387,28 @@ def build_engine(name: str, grid: Grid, dtype: str, args, decoder: str = "") -> 
     )
 
 
-def memory_flatness(engine: DecodeEngine, codes: np.ndarray, n_batches: int, seed: int = 7):
+def memory_flatness(
+    engine: DecodeEngine, codes: np.ndarray, vocab: CodeVocab, n_batches: int, seed: int = 7
+):
     """Many consecutive batches of varying shape, adding an item every 100; RSS over time."""
-    trie = ItemTrie.from_codes(codes, VOCAB.codebook_size)
+    trie = ItemTrie.from_codes(codes, vocab.codebook_size)
     rng = np.random.default_rng(seed)
-    fresh = iter(random_catalogue(len(codes) + n_batches, 4, 256, seed=seed + 1).tolist())
+    fresh = iter(fresh_codes(codes, vocab, n_batches, seed=seed + 1).tolist())
     samples: list[tuple[int, float]] = []
     warm = max(1, n_batches // 10)
     for i in tqdm(range(n_batches), desc="memory flatness"):
         b = int(rng.integers(1, 9))
         reqs = []
         for _ in range(b):
-            h = rng.integers(0, len(codes), size=int(rng.integers(0, 21)))
+            h = rng.integers(0, len(codes), size=int(rng.integers(0, vocab.history_items + 1)))
             ex = frozenset(h.tolist())
             reqs.append(
-                DecodeRequest(VOCAB.prompt(codes[h]), k=int(rng.integers(1, 21)), exclude=ex)
+                DecodeRequest(vocab.prompt(codes[h]), k=int(rng.integers(1, 21)), exclude=ex)
             )
         engine.recommend(reqs, trie)
         if i % 100 == 99:
-            row = next(fresh)
-            if trie.lookup(row) is None:
+            row = next(fresh, None)
+            if row is not None and trie.lookup(row) is None:
                 trie.add(row)
         if i + 1 == warm or (i + 1) % max(1, n_batches // 10) == 0:
             gc.collect()
@@ -388,7 +416,9 @@ def memory_flatness(engine: DecodeEngine, codes: np.ndarray, n_batches: int, see
     after_warm = next(mb for n, mb in samples if n >= warm)
     return {
         "batches": n_batches,
-        "batch_sizes": "1..8, histories 0..20 items, exclusions, k 1..20, an add every 100",
+        "items": len(codes),
+        "batch_sizes": f"1..8, histories 0..{vocab.history_items} items, exclusions, k 1..20, "
+        "an add every 100",
         "rss_mb_after_warmup": after_warm,
         "rss_mb_end": samples[-1][1],
         "growth_mb": round(samples[-1][1] - after_warm, 1),
@@ -408,23 +438,33 @@ class Grid:
     n_batches: dict[str, int]  # engine -> timed batches per row (0: about 320 users, >= 3)
     dtypes: list[str]  # torch engine dtypes
     counts_for_identity: bool = True
+    codes: np.ndarray | None = None
+    """A bundle's catalogue [n_items, L]: the one catalogue measured (`items` is then its size).
+    None: random catalogues of each size in `items`."""
 
     def timed_batches(self, engine: str, batch: int) -> int:
         return self.n_batches.get(engine) or max(3, 320 // batch)
+
+    def catalogue(self, n_items: int) -> np.ndarray:
+        """The bundle's catalogue, or `n_items` random identifiers (seeded by their number)."""
+        if self.codes is not None:
+            return self.codes
+        return random_catalogue(n_items, self.vocab.levels, self.vocab.codebook_size, n_items)
 
 
 def run_grid(args, grid: Grid, rss: PeakRss, out: dict[str, list[Any]]) -> None:
     max_users = max(b * grid.timed_batches(e, b) for e, bs in grid.batches.items() for b in bs)
     for n_items in grid.items:
-        codes = random_catalogue(n_items, grid.vocab.levels, grid.vocab.codebook_size, n_items)
-        trie, stats = trie_stats(codes)
+        codes = grid.catalogue(n_items)
+        trie, stats = trie_stats(codes, grid.vocab)
         out["tries"].append({"model": grid.model_name, **stats})
         log.info("trie %s", stats)
         requests = make_requests(codes, max_users, seed=1, vocab=grid.vocab)
         ref_out: dict[int, list[list[Any]]] = {}
         for engine_name in args.engines:
             limit = {"reference": args.ref_max_items, "vllm": args.vllm_max_items}
-            if n_items > limit.get(engine_name, n_items):
+            # A bundle's catalogue is the one the users get: every engine measures it.
+            if grid.codes is None and n_items > limit.get(engine_name, n_items):
                 continue
             for dtype in grid.dtypes if engine_name == "torch" else ["float32"]:
                 try:
@@ -469,7 +509,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     words = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     p.add_argument("--engines", type=words, default=["reference", "torch", "vllm"])
-    p.add_argument("--items", type=ints, default=[20_000, 200_000, 1_000_000])
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        default=None,
+        help="measure this bundle's recommender (lm/) on its own catalogue, histories drawn\n"
+        "from its rows, instead of a random Llama on random catalogues; --items, --hidden,\n"
+        "--layers and --heads do not apply (the catalogue is the bundle's, whole)",
+    )
+    p.add_argument(
+        "--items",
+        type=ints,
+        default=None,
+        help="random catalogue sizes (default 20000,200000,1000000; not with --bundle)",
+    )
     p.add_argument("--batches", type=ints, default=[1, 32, 256], help="torch engine batch sizes")
     p.add_argument(
         "--n-batches",
@@ -483,7 +536,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ref-max-items",
         type=int,
         default=20_000,
-        help="largest catalogue for the reference (its dict trie is slow to build)",
+        help="largest random catalogue for the reference (its dict trie is slow to build;\n"
+        "a bundle's catalogue is always measured)",
     )
     p.add_argument("--vllm-batches", type=ints, default=[1, 32])
     p.add_argument("--vllm-n-batches", type=int, default=3)
@@ -491,15 +545,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--vllm-max-items",
         type=int,
         default=20_000,
-        help="largest catalogue for vllm (each catalogue restarts its engine)",
+        help="largest random catalogue for vllm (each catalogue restarts its engine;\n"
+        "a bundle's catalogue is always measured)",
     )
     p.add_argument(
         "--dtypes", type=words, default=["float32", "bfloat16"], help="torch engine dtypes"
     )
     p.add_argument("--beam", type=int, default=20)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=None, help="random Llama (default 128)")
+    p.add_argument("--layers", type=int, default=None, help="random Llama (default 4)")
+    p.add_argument("--heads", type=int, default=None, help="random Llama (default 4)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
     p.add_argument("--memory-batches", type=int, default=2000)
@@ -509,10 +564,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--paired-only",
         action="store_true",
-        help="only the paired reference/torch measurement (20k items, batch 32) and the trie",
+        help="only the paired reference/torch measurement (batch 32; 20k random items or\n"
+        "the bundle's catalogue) and the trie",
     )
     p.add_argument("--out", default="", help="result name (default decode-<device>)")
-    return p.parse_args(argv)
+    p.add_argument("--results", type=Path, default=RESULTS, help="directory of the result files")
+    args = p.parse_args(argv)
+    random_only = {"--items": args.items, "--hidden": args.hidden}
+    random_only.update({"--layers": args.layers, "--heads": args.heads})
+    if args.bundle is not None:
+        given = [flag for flag, value in random_only.items() if value is not None]
+        if given:
+            p.error(
+                f"{', '.join(given)}: only for the random model; with --bundle the model and "
+                "the catalogue are the bundle's (drop them, or drop --bundle)"
+            )
+    else:
+        args.items = args.items or [20_000, 200_000, 1_000_000]
+        args.hidden, args.layers = args.hidden or 128, args.layers or 4
+        args.heads = args.heads or 4
+    return args
+
+
+def bundle_grid(args, bundle_dir: Path) -> tuple[Grid, dict[str, Any]]:
+    """The grid of a bundle's recommender on its whole catalogue, and which model it is
+    (benchmarks.common.model_info)."""
+    try:
+        bundle = Bundle.load(bundle_dir)
+    except BundleError as err:
+        raise SystemExit(f"--bundle {bundle_dir}: {err}") from err
+    if not bundle.has_lm():
+        raise SystemExit(
+            f"--bundle {bundle_dir}: no recommender ({bundle.lm_dir}/config.json is missing); "
+            "train one with `letterrec pipeline` (stage lm) first"
+        )
+    info = model_info(bundle_dir)
+    shape = info["model"]
+    codes = bundle.catalogue.codes
+    grid = Grid(
+        bundle.lm_dir,
+        f"{info['model_profile']} llama-{shape['hidden']}d-{shape['layers']}L",
+        bundle.vocab,
+        [len(codes)],
+        {"reference": args.ref_batches, "torch": args.batches, "vllm": args.vllm_batches},
+        {"reference": args.ref_n_batches, "torch": args.n_batches, "vllm": args.vllm_n_batches},
+        args.dtypes,
+        codes=codes,
+    )
+    return grid, info
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -529,24 +628,30 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.time()
     memory = None
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_tiny_llama(
-            VOCAB, Path(tmp) / "lm", hidden=args.hidden, layers=args.layers, heads=args.heads
-        )
-        small = Grid(
-            model_dir,
-            f"llama-{args.hidden}d-{args.layers}L",
-            VOCAB,
-            args.items,
-            {"reference": args.ref_batches, "torch": args.batches, "vllm": args.vllm_batches},
-            {"reference": args.ref_n_batches, "torch": args.n_batches, "vllm": args.vllm_n_batches},
-            args.dtypes,
-        )
+        if args.bundle is not None:
+            small, info = bundle_grid(args, args.bundle)
+            head.update(info)
+        else:
+            model_dir = make_tiny_llama(
+                VOCAB, Path(tmp) / "lm", hidden=args.hidden, layers=args.layers, heads=args.heads
+            )
+            small = Grid(
+                model_dir,
+                f"llama-{args.hidden}d-{args.layers}L",
+                VOCAB,
+                args.items,
+                {"reference": args.ref_batches, "torch": args.batches, "vllm": args.vllm_batches},
+                {
+                    "reference": args.ref_n_batches,
+                    "torch": args.n_batches,
+                    "vllm": args.vllm_n_batches,
+                },
+                args.dtypes,
+            )
+            head.update(random_model_info(model_dir))
         if args.paired_only:
             out["tries"].append(
-                {
-                    "model": small.model_name,
-                    **trie_stats(random_catalogue(20_000, 4, 256, 20_000))[1],
-                }
+                {"model": small.model_name, **trie_stats(small.catalogue(20_000), small.vocab)[1]}
             )
             args.memory_batches, args.llm = 0, False
         else:
@@ -558,16 +663,17 @@ def main(argv: list[str] | None = None) -> None:
             log.info("paired %s", paired)
         if args.memory_batches and "torch" in args.engines:
             engine = build_engine("torch", small, "float32", args)
-            memory = memory_flatness(
-                engine, random_catalogue(20_000, 4, 256, seed=5), args.memory_batches
-            )
+            codes = small.codes
+            if codes is None:
+                codes = random_catalogue(20_000, VOCAB.levels, VOCAB.codebook_size, seed=5)
+            memory = memory_flatness(engine, codes, small.vocab, args.memory_batches)
             engine.close()
         if args.llm:
             llm = Grid(
                 make_llm(Path(tmp) / "llm"),
                 "llama-0.5B",
                 LLM_VOCAB,
-                args.items[:1],
+                (args.items or [20_000])[:1],
                 {
                     "reference": args.llm_batches[:1],
                     "torch": args.llm_batches,
@@ -587,6 +693,11 @@ def main(argv: list[str] | None = None) -> None:
         "identical_to_reference": all(out["identical"]) if out["identical"] else None,
         "max_score_diff": MAX_DIFF[0] if out["identical"] else None,
         "trie": max(out["tries"], key=lambda t: t["items"]),
+        "prompt": {
+            "history_items": small.vocab.history_items,
+            # [bos] + L codes per history item (CodeVocab.prompt); make_requests fills it.
+            "tokens": 1 + small.vocab.history_items * small.vocab.levels,
+        },
         "tries": out["tries"],
         "memory": memory,
         "paired": paired,
@@ -595,7 +706,7 @@ def main(argv: list[str] | None = None) -> None:
         "wall_seconds": round(time.time() - t_start, 1),
     }
     name = args.out or f"decode-{'cuda' if args.device.startswith('cuda') else 'cpu'}"
-    path = write_result(name, payload, markdown(head, payload, args))
+    path = write_result(name, payload, markdown(head, payload, args), args.results)
     log.info("wrote %s", path)
 
 
@@ -638,12 +749,20 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown(head: dict[str, Any], payload: dict[str, Any], args) -> str:
     m = head["machine"]
     text = md_header("Decoding benchmark", head)
+    pr = payload["prompt"]
+    if head["model"].get("bundle"):
+        what = (
+            f"the bundle's recommender on its whole catalogue ({payload['trie']['items']} "
+            f"items; --items does not apply), histories of random catalogue rows"
+        )
+    else:
+        what = "random catalogues, random Llama weights (init std 0.2, see tests/lmfactory.py)"
     text += (
         f"Torch threads {m['torch_threads']}; load average at start {m['load_avg_start']}, "
         f"at end {m['load_avg_end']} (other work shared the machine: compare rows of this run "
-        f"with each other, not with other runs). Beam {args.beam}, k 10, prompts of 81 tokens "
-        f"(20 history items), random catalogues, random Llama weights (init std 0.2, see "
-        f"tests/lmfactory.py). Wall time {payload['wall_seconds']} s.\n\n"
+        f"with each other, not with other runs). Beam {args.beam}, k 10, prompts of "
+        f"{pr['tokens']} tokens ({pr['history_items']} history items), {what}. "
+        f"Wall time {payload['wall_seconds']} s.\n\n"
         + (
             f"**identical_to_reference (float32): {payload['identical_to_reference']}** (item "
             f"lists exact, scores within {SCORE_RTOL:g} relative; largest score difference "
@@ -724,8 +843,8 @@ def markdown(head: dict[str, Any], payload: dict[str, Any], args) -> str:
         mem = payload["memory"]
         text += (
             f"\n## Memory flatness\n\n{mem['batches']} consecutive torch float32 batches "
-            f"({mem['batch_sizes']}), 20k items: RSS {mem['rss_mb_after_warmup']} MB after "
-            f"warm-up, {mem['rss_mb_end']} MB at the end (growth {mem['growth_mb']} MB).\n"
+            f"({mem['batch_sizes']}), {mem['items']} items: RSS "
+            f"{mem['rss_mb_after_warmup']} MB after warm-up, {mem['rss_mb_end']} MB at the end (growth {mem['growth_mb']} MB).\n"
         )
     if payload["notes"]:
         text += "\n## Notes\n\n" + "".join(f"- {n}\n" for n in payload["notes"])
