@@ -11,6 +11,7 @@ import tomllib
 import pytest
 
 from tests.deploy.helpers import (
+    DOCKER,
     DOCKERFILES,
     ROOT,
     assert_ok,
@@ -168,3 +169,25 @@ def test_cli_serve_takes_the_flags_the_images_pass() -> None:
     assert_ok(out)
     for flag in ("--bundle", "--host", "--port"):
         assert flag in out.stdout, f"`letterrec serve` has no {flag}:\n{out.stdout}"
+
+
+def test_baked_bundle_dockerfile_passes_hadolint_and_builds_on_the_server_image() -> None:
+    """docker/Dockerfile.baked (a bundle baked in with any builder) builds on the server image
+    and keeps the non-root user; the container check (tests/deploy/test_container.py) builds it."""
+    path = DOCKER / "Dockerfile.baked"
+    assert_ok(run([tool("hadolint"), str(path)]))
+    final = stages(path)[-1]
+    assert final[0] == ("FROM", "${SERVER_IMAGE}"), final[0]
+    users = [a for w, a in final if w == "USER"]
+    assert users[-1].split(":")[0] not in {"0", "root"}, users
+    assert ("COPY", ". /bundle/") in final
+
+
+def test_dockerfiles_need_no_buildkit_frontend() -> None:
+    """The server images build with the classic builder (DOCKER_BUILDKIT=0), which is all there is
+    where the buildx plugin is missing: a `# syntax=` line would make BuildKit pull a frontend
+    image, and `--chmod`/`--mount` are BuildKit-only."""
+    for name in ("cpu", "baked"):
+        text = (DOCKER / f"Dockerfile.{name}").read_text()
+        assert not re.search(r"^#\s*syntax=", text, re.M), name
+        assert "--chmod" not in text and "--mount=" not in text, name
