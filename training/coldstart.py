@@ -17,7 +17,8 @@ Protocol:
 - Test: the full dataset's leave-one-out test users (their histories may hold cold items; the
   recommender's prompt shows their codes, SASRec cannot see them and skips them). The catalogue
   is served as the service holds it (bundle rows, then tokenized rows) and the new-item bonus
-  (models.beam.NewItemBonus) is fitted on validation users (BONUS_GRID, best NDCG@10); it goes
+  (models.beam.NewItemBonus) is fitted on validation users (BONUS_GRID, best NDCG@10, kept
+  beyond two standard errors of the paired gain over none); it goes
   into the manifests of the cold-start bundle and of the bundle trained on everything, whose
   later arrivals it serves. Rows: LETTER (this cold-start model with the fitted bonus), LETTER
   (no new-item bonus), SASRec (0 on cold targets by construction: it has no embedding for
@@ -164,8 +165,9 @@ def fit_new_item_bonus(
     progress: bool = False,
     grid: tuple[float, ...] = BONUS_GRID,
 ) -> dict[str, Any]:
-    """The bonus of `grid` with the best validation NDCG@10 (ties to the smaller), with every
-    grid point's figures and the paired standard error of the best against no bonus."""
+    """The bonus of `grid` with the best validation NDCG@10 (ties to the smaller), kept only when
+    it beats the first value (no bonus) by more than two standard errors of the paired
+    difference; with every grid point's figures."""
     targets = [t for _, t in pairs]
     hists = [h for h, _ in pairs]
     gains: dict[float, np.ndarray] = {}
@@ -186,8 +188,12 @@ def fit_new_item_bonus(
     best = max(grid, key=lambda b: (round(float(gains[b].mean()), 12), -b))
     diff = gains[best] - gains[grid[0]]
     se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    # As the served mode (training.repeat.pick_mode): leave the first grid value (no bonus) only
+    # for a gain beyond two standard errors of the paired difference.
+    chosen = best if diff.mean() > 2 * se else grid[0]
     return {
-        "new_item_bonus": float(best),
+        "new_item_bonus": float(chosen),
+        "best_on_validation": float(best),
         "users": len(pairs),
         "cold_targets": int(np.isin(targets, served.cold).sum()),
         "gain_ndcg@10": float(diff.mean()),

@@ -113,3 +113,9 @@ def test_bonus_fit_follows_the_validation_targets(tmp_path) -> None:
     to_top = [(h, p[0]) for h, p in zip(hists, plain, strict=True) if p[0] not in cold]
     fit = fit_new_item_bonus(model, to_top, served, vocab, 40, grid=(0.0, 1000.0))
     assert fit["new_item_bonus"] == 0.0
+    # A gain within noise keeps no bonus: one user gains, the rest (warm targets outside both
+    # top-10s) neither gain nor lose.
+    far = [(h, next(i for i in keep if i not in p)) for h, p in zip(hists, plain, strict=True)]
+    fit = fit_new_item_bonus(model, far + to_cold[:1], served, vocab, 40, grid=(0.0, 1000.0))
+    assert fit["best_on_validation"] == 1000.0 and fit["gain_ndcg@10"] > 0
+    assert fit["new_item_bonus"] == 0.0
