@@ -3,12 +3,19 @@
 Special tokens first, then one contiguous range per code level:
 token(level, code) = code_offset + level * codebook_size + code. Levels never share ids, so a
 position in the trie is never ambiguous.
+
+A from-scratch recommender's prompt is `[bos]` + the history's codes. A pretrained LLM's code
+tokens are appended to its own vocabulary (`code_offset` = its tokenizer's length, anywhere
+after its special tokens), and its prompt is an instruction template tokenized once at training
+time: `prompt_prefix` + the history's codes + `prompt_suffix`, so whoever builds a prompt
+(the service) needs no text tokenizer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -30,12 +37,36 @@ class CodeVocab:
     eos_id: int = 2
     code_offset: int = 3
     """Id of code 0 at level 0."""
+    prompt_prefix: tuple[int, ...] | None = None
+    """Token ids before the history's codes (an LLM's tokenized instruction template, its bos
+    included if its tokenizer adds one); None = `(bos_id,)`, the from-scratch layout."""
+    prompt_suffix: tuple[int, ...] = ()
+    """Token ids after the history's codes (the rest of the template); empty from scratch."""
 
     def __post_init__(self) -> None:
         if self.levels < 1 or self.codebook_size < 2 or self.history_items < 0:
             raise ValueError(f"invalid vocabulary layout: {self}")
         if self.code_offset <= max(self.pad_id, self.bos_id, self.eos_id):
             raise ValueError("code_offset must follow the special tokens")
+        if self.prompt_prefix is not None:
+            object.__setattr__(self, "prompt_prefix", tuple(int(t) for t in self.prompt_prefix))
+        object.__setattr__(self, "prompt_suffix", tuple(int(t) for t in self.prompt_suffix))
+        template = (*self.head, *self.prompt_suffix)
+        if not self.head or any(not 0 <= t < self.code_offset for t in template):
+            raise ValueError(
+                f"prompt template ids {template} must be non-empty before the history and lie in"
+                f" 0..{self.code_offset - 1} (below the code tokens)"
+            )
+
+    @property
+    def head(self) -> tuple[int, ...]:
+        """Token ids before the history's codes."""
+        return (self.bos_id,) if self.prompt_prefix is None else self.prompt_prefix
+
+    @property
+    def max_prompt_len(self) -> int:
+        """Tokens of the longest prompt (a full history of `history_items` items)."""
+        return len(self.head) + self.history_items * self.levels + len(self.prompt_suffix)
 
     @property
     def vocab_size(self) -> int:
@@ -60,18 +91,30 @@ class CodeVocab:
         )
 
     def prompt(self, history_codes: Sequence[Sequence[int]] | np.ndarray) -> list[int]:
-        """`[bos]` + the code tokens of the last `history_items` items, oldest first."""
+        """Prefix (`[bos]` by default) + the code tokens of the last `history_items` items,
+        oldest first, + suffix (none by default)."""
         hist = np.asarray(history_codes, dtype=np.int64).reshape(-1, self.levels)
         if self.history_items == 0:
             hist = hist[:0]
         else:
             hist = hist[-self.history_items :]
-        return [self.bos_id, *self.tokens(hist).reshape(-1).tolist()]
+        return [*self.head, *self.tokens(hist).reshape(-1).tolist(), *self.prompt_suffix]
 
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's `vocab`; the template keys only when set, so a from-scratch bundle's
+        manifest is what it always was."""
+        d: dict[str, Any] = asdict(self)
+        if self.prompt_prefix is None and not self.prompt_suffix:
+            del d["prompt_prefix"], d["prompt_suffix"]
+        else:
+            d["prompt_prefix"], d["prompt_suffix"] = list(self.head), list(self.prompt_suffix)
+        return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, int]) -> CodeVocab:
-        known = {k: int(v) for k, v in d.items() if k in cls.__dataclass_fields__}
+    def from_dict(cls, d: dict[str, Any]) -> CodeVocab:
+        known: dict[str, Any] = {
+            k: tuple(v) if k.startswith("prompt_") else int(v)
+            for k, v in d.items()
+            if k in cls.__dataclass_fields__ and v is not None
+        }
         return cls(**known)

@@ -167,7 +167,7 @@ class TorchEngine(DecodeEngine):
 
     def warmup(self, trie: ItemTrie) -> None:
         if trie.n_active:
-            prompt = [self.vocab.bos_id]
+            prompt = self.vocab.prompt([])
             self.recommend([DecodeRequest(prompt=prompt, k=1)] * min(2, self.max_batch), trie)
 
     def close(self) -> None:

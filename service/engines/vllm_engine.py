@@ -165,7 +165,7 @@ class VllmEngine(DecodeEngine):
     def warmup(self, trie: ItemTrie) -> None:
         # The first generate compiles and allocates; pay that here instead of on a user request.
         if trie.n_active:
-            self.recommend([DecodeRequest(prompt=[self.vocab.bos_id], k=1)], trie)
+            self.recommend([DecodeRequest(prompt=self.vocab.prompt([]), k=1)], trie)
 
     def close(self) -> None:
         llm, self._llm = self._llm, None
@@ -189,7 +189,7 @@ class VllmEngine(DecodeEngine):
         if request.k < 1:
             raise ValueError(f"k must be >= 1, got {request.k}")
         if not request.prompt:
-            raise ValueError("empty prompt: a prompt starts with the bos token (CodeVocab.prompt)")
+            raise ValueError("empty prompt: build prompts with CodeVocab.prompt")
         limit = self.max_model_len - self.vocab.levels
         if len(request.prompt) > limit:
             raise ValueError(
@@ -430,7 +430,7 @@ def _read_config(model_dir: Path, vocab: CodeVocab) -> dict[str, Any]:
 
 def _max_model_len(config: dict[str, Any], vocab: CodeVocab) -> int:
     """Room for the longest prompt plus the L generated tokens, capped by the model's positions."""
-    need = 1 + vocab.history_items * vocab.levels + vocab.levels
+    need = vocab.max_prompt_len + vocab.levels
     return min(need, int(config.get("max_position_embeddings", need)))
 
 
