@@ -40,6 +40,22 @@ ConfigOpt = Annotated[
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (CUDA when present).")
 ]
+RecommenderOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--recommender",
+        help="scratch (a small Llama over the codes) or llm (a pretrained LM fine-tuned with "
+        "LoRA, LC-Rec style; needs --base-model). Default: the profile's (scratch).",
+    ),
+]
+BaseModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--base-model",
+        help="Local Hugging Face causal LM directory (Qwen2/Qwen3, Llama, SmolLM...) for the "
+        "llm recommender; implies --recommender llm.",
+    ),
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo stages whose outputs exist.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
 ThreadsOpt = Annotated[
@@ -73,7 +89,15 @@ def _device(name: str) -> str:
 
 
 def _workspace(
-    data: str, out: Path, profile: str, config: Path | None, device: str, force: bool, quiet: bool
+    data: str,
+    out: Path,
+    profile: str,
+    config: Path | None,
+    device: str,
+    force: bool,
+    quiet: bool,
+    recommender: str | None = None,
+    base_model: str | None = None,
 ):  # noqa: ANN202
     from training.config import get_profile, load_config
     from training.pipeline import Workspace
@@ -81,6 +105,7 @@ def _workspace(
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(config) if config else get_profile(profile)
+        cfg = cfg.with_llm(base_model, recommender)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     return Workspace(
@@ -134,7 +159,11 @@ STAGE_COMMANDS: dict[str, tuple[str, str]] = {
         "tokenizer",
         "Train the LETTER tokenizer; write tokenizer/, catalogue.parquet, manifest.json, report/.",
     ),
-    "lm": ("train-lm", "Train the generative recommender (resumable); write lm/ into the bundle."),
+    "lm": (
+        "train-lm",
+        "Train the generative recommender (resumable): from scratch, or a pretrained LM with "
+        "LoRA (--base-model); write lm/ and the manifest's vocabulary into the bundle.",
+    ),
     "mode": (
         "fit-mode",
         "Choose the recommendation mode (plain, history excluded, repeat-aware) and fit the "
@@ -161,9 +190,12 @@ def _stage_command(stage: str) -> None:
         force: ForceOpt = False,
         quiet: QuietOpt = False,
         threads: ThreadsOpt = 0,
+        recommender: RecommenderOpt = None,
+        base_model: BaseModelOpt = None,
     ) -> None:
         _set_threads(threads)
-        _run(stage, _workspace(data, out, profile, config, device, force, quiet))
+        ws = _workspace(data, out, profile, config, device, force, quiet, recommender, base_model)
+        _run(stage, ws)
 
     command.__doc__ = doc
     app.command(name)(command)
@@ -235,10 +267,13 @@ def pipeline(
         str, typer.Option("--stages", help="Comma-separated subset of the stages, in order.")
     ] = "",
     threads: ThreadsOpt = 0,
+    recommender: RecommenderOpt = None,
+    base_model: BaseModelOpt = None,
 ) -> None:
-    """All offline stages in order; each resumes from its saved output."""
+    """All offline stages in order; each resumes from its saved output. With --base-model DIR
+    the recommender is that pretrained LM fine-tuned with LoRA (LC-Rec style)."""
     _set_threads(threads)
-    ws = _workspace(data, out, profile, config, device, force, quiet)
+    ws = _workspace(data, out, profile, config, device, force, quiet, recommender, base_model)
     chosen = [s.strip() for s in stages.split(",") if s.strip()] if stages else STAGES
     unknown = [s for s in chosen if s not in STAGES]
     if unknown:

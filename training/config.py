@@ -11,6 +11,7 @@ from typing import Any
 from models.recommender import RecommenderConfig
 from training.cf import CFTrainConfig
 from training.lm import LMTrainConfig
+from training.lora import LoRAConfig
 from training.tokenizer import TokenizerTrainConfig
 
 
@@ -25,14 +26,38 @@ class PipelineConfig:
     cf: CFTrainConfig = field(default_factory=CFTrainConfig)
     tokenizer: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
     lm: LMTrainConfig = field(default_factory=LMTrainConfig)
+    recommender: str = "scratch"
+    """The generative recommender the `lm` stage trains: 'scratch' (a small Llama over the code
+    vocabulary, trained with `lm`) or 'llm' (the pretrained model `llm.base_model` fine-tuned
+    with LoRA, trained with `llm.train`; LC-Rec style)."""
+    llm: LoRAConfig = field(default_factory=LoRAConfig)
+    """The LLM recommender: base model directory, prompt template, LoRA and training settings."""
     mode_users: int = 10000
     """Validation users (a fixed random subset) on which the recommendation mode and the
     repeat prior are chosen (`letterrec fit-mode`); 0 = all."""
     ablation: bool = True
     """Also train an alpha = 0 tokenizer to measure what CF alignment adds (report only)."""
 
+    def __post_init__(self) -> None:
+        if self.recommender not in RECOMMENDERS:
+            raise ValueError(f"unknown recommender {self.recommender!r}; valid: {RECOMMENDERS}")
+
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def with_llm(self, base_model: str | None, recommender: str | None) -> PipelineConfig:
+        """The command line's `--base-model` (which alone means `--recommender llm`) and
+        `--recommender` over this configuration."""
+        cfg = self
+        if base_model:
+            cfg = dataclasses.replace(
+                cfg, llm=dataclasses.replace(cfg.llm, base_model=base_model), recommender="llm"
+            )
+        if recommender:
+            cfg = dataclasses.replace(cfg, recommender=recommender)
+        if cfg.recommender == "llm" and not cfg.llm.base_model:
+            raise ValueError("the llm recommender needs a base model: --base-model DIR")
+        return cfg
 
     def with_device(self, device: str) -> PipelineConfig:
         return dataclasses.replace(
@@ -40,7 +65,13 @@ class PipelineConfig:
             cf=dataclasses.replace(self.cf, device=device),
             tokenizer=dataclasses.replace(self.tokenizer, device=device),
             lm=dataclasses.replace(self.lm, device=device),
+            llm=dataclasses.replace(
+                self.llm, train=dataclasses.replace(self.llm.train, device=device)
+            ),
         )
+
+
+RECOMMENDERS = ("scratch", "llm")
 
 
 def _from_dict(cls: type, d: dict[str, Any]) -> Any:
@@ -68,6 +99,8 @@ NESTED: dict[tuple[type, str], type] = {
     (PipelineConfig, "tokenizer"): TokenizerTrainConfig,
     (PipelineConfig, "lm"): LMTrainConfig,
     (LMTrainConfig, "model"): RecommenderConfig,
+    (PipelineConfig, "llm"): LoRAConfig,
+    (LoRAConfig, "train"): LMTrainConfig,
 }
 
 

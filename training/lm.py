@@ -161,6 +161,33 @@ def windows(
     return out
 
 
+def instruction_windows(
+    train: list[list[int]],
+    codes: np.ndarray,
+    vocab: CodeVocab,
+    per_user: int = 0,
+    repeat_weight: float = 1.0,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Training sequences of an LLM's prompt template (`vocab.prompt_prefix` set): one per
+    target item, `prompt(history) + codes(target)`, the history being the target's previous
+    `history_items` items, exactly the prompt served for it. Returns (token windows, loss
+    weights per target token): the target's L codes weigh 1 (`repeat_weight` when the target
+    repeats a history item), the template and history 0. Targets run from each user's newest
+    (at most `per_user` per user when > 0); a user's first item has no history and no window."""
+    tok = vocab.tokens(codes)  # [n_items, L]
+    wins, weights = [], []
+    for seq in train:
+        targets = range(len(seq) - 1, 0, -1)
+        for g in targets[:per_user] if per_user > 0 else targets:
+            history = seq[max(0, g - vocab.history_items) : g] if vocab.history_items else []
+            ids = np.array(vocab.prompt(codes[history]) + tok[seq[g]].tolist(), dtype=np.int64)
+            w = np.zeros(len(ids) - 1, dtype=np.float32)
+            w[-vocab.levels :] = repeat_weight if seq[g] in history else 1.0
+            wins.append(ids)
+            weights.append(w)
+    return wins, weights
+
+
 def repeat_flags(
     train: list[list[int]], window_items: int, per_user: int = 0, context_items: int = 0
 ) -> list[np.ndarray]:
@@ -297,8 +324,9 @@ def soft_targets(
 def history_prompts(
     histories: Sequence[Sequence[int]], codes: np.ndarray, vocab: CodeVocab
 ) -> list[list[int]]:
-    """The prompt of each history of item rows (`[bos]` alone for an empty one)."""
-    return [vocab.prompt(codes[list(h)]) if len(h) else [vocab.bos_id] for h in histories]
+    """The prompt of each history of item rows (the template around no codes for an empty
+    one: `[bos]` from scratch)."""
+    return [vocab.prompt(codes[list(h)]) for h in histories]
 
 
 @torch.no_grad()
@@ -393,6 +421,14 @@ def native_bf16(device: torch.device, cpu_flags: str | None = None) -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
+def _trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of what training changes: every entry of the state dict except frozen parameters
+    (a LoRA-wrapped LLM's base weights, which would otherwise be copied at every improvement).
+    For a model trained in full, the whole state dict."""
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k not in frozen}
+
+
 def _schedule(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -422,7 +458,17 @@ def train_lm(
     rng = np.random.default_rng(cfg.seed)
     model = (model if model is not None else build_model(cfg.model, vocab, cfg.seed)).to(device)
     win_args = (cfg.window_items, cfg.max_windows_per_user, cfg.context_items)
-    longest = 1 + (cfg.window_items + cfg.context_items) * vocab.levels
+    templated = vocab.prompt_prefix is not None
+    if templated and (cfg.distill > 0 or cfg.context_items > 0):
+        raise ValueError(
+            "lm.distill and lm.context_items apply to the from-scratch recommender's windows;"
+            " set them to 0 for a prompt template (an LLM recommender)"
+        )
+    longest = (
+        vocab.max_prompt_len + vocab.levels
+        if templated
+        else 1 + (cfg.window_items + cfg.context_items) * vocab.levels
+    )
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and longest > max_pos:
         raise ValueError(
@@ -431,7 +477,13 @@ def train_lm(
             f" max_position_embeddings {max_pos}: lower them or raise the vocabulary's"
             " history_items"
         )
-    wins = windows(train, codes, vocab, *win_args)
+    tok_w: list[np.ndarray] | None = None
+    if templated:
+        wins, tok_w = instruction_windows(
+            train, codes, vocab, cfg.max_windows_per_user, cfg.repeat_weight
+        )
+    else:
+        wins = windows(train, codes, vocab, *win_args)
     if teacher is not None and len(teacher.offsets) != len(wins) + 1:
         raise ValueError(
             f"the teacher covers {len(teacher.offsets) - 1} windows, training has {len(wins)}:"
@@ -439,8 +491,7 @@ def train_lm(
         )
     codes_t = torch.from_numpy(np.asarray(codes, dtype=np.int64))
     index = level_index(vocab, longest - 1)
-    tok_w = None
-    if cfg.repeat_weight != 1.0 or cfg.context_items > 0:
+    if not templated and (cfg.repeat_weight != 1.0 or cfg.context_items > 0):
         flags = repeat_flags(train, *win_args)
         ctx = context_flags(train, *win_args)
         tok_w = [
@@ -535,9 +586,7 @@ def train_lm(
             row.update({f"valid_{k}": v for k, v in metrics.items()})
             if metrics["ndcg@10"] > state.best:
                 state.best, state.bad = metrics["ndcg@10"], 0
-                state.best_state = {
-                    k: v.detach().cpu().clone() for k, v in scored.state_dict().items()
-                }
+                state.best_state = _trained_state(scored)
                 state.best_valid = metrics
             else:
                 state.bad += 1
@@ -564,7 +613,7 @@ def train_lm(
     for hook in hooks:
         hook.remove()
     if state.best_state is not None:
-        model.load_state_dict(state.best_state)
+        model.load_state_dict(state.best_state, strict=False)
     model.eval()
     return LMResult(
         model, state.best_valid, state.epoch, seconds, tokens / max(seconds, 1e-9), state.history

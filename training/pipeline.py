@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from training.data import Dataset, Split, k_core, leave_one_out, load_dataset
 from training.distill import load_sasrec, save_sasrec, teacher_topk
 from training.embed import embed_texts, item_texts
 from training.evaluate import evaluate_generative, evaluate_popularity, evaluate_recent
-from training.lm import train_lm, window_bounds
+from training.lm import LMResult, train_lm, window_bounds
 from training.repeat import choose_mode, default_prior
 from training.tokenizer import TokenizerResult, train_tokenizer
 from training.tokenizer_report import (
@@ -198,11 +199,22 @@ def stage_tokenizer(ws: Workspace) -> dict[str, Any]:
 
 
 def stage_lm(ws: Workspace) -> dict[str, Any]:
-    """Train the recommender on the bundle's codes; write `lm/` and report/lm.json."""
+    """Train the recommender on the bundle's codes (from scratch, or the LLM of
+    `cfg.recommender = 'llm'`); write `lm/`, the manifest's vocabulary, report/lm.json."""
     if ws.done("lm.json") and (ws.out / "lm" / "config.json").exists():
-        return {**json.loads((ws.stages / "lm.json").read_text()), "skipped": True}
+        done = json.loads((ws.stages / "lm.json").read_text())
+        if done.get("recommender", "scratch") == ws.cfg.recommender:
+            return {**done, "skipped": True}
     bundle = Bundle.load(ws.out)
     split = ws.split()
+    if ws.cfg.recommender == "llm":
+        return _stage_llm(ws, bundle, split)
+    # The code layout of the tokenizer stage (an earlier LLM run may have changed the manifest's).
+    bundle.manifest.vocab = CodeVocab(
+        levels=bundle.vocab.levels,
+        codebook_size=bundle.vocab.codebook_size,
+        history_items=bundle.vocab.history_items,
+    )
     lcfg = ws.cfg.lm
     teacher = None
     if lcfg.distill > 0:
@@ -228,12 +240,49 @@ def stage_lm(ws: Workspace) -> dict[str, Any]:
         teacher=teacher,
     )
     save_lm(res.model, bundle.vocab, bundle.lm_dir, extra={"train": ws.cfg.lm.to_dict()})
+    bundle.manifest.config = ws.cfg.to_dict()
+    bundle.save()
+    return _lm_summary(ws, res, ws.cfg.lm.device, {"recommender": "scratch"})
+
+
+def _stage_llm(ws: Workspace, bundle: Bundle, split: Split) -> dict[str, Any]:
+    """LoRA fine-tuning of `cfg.llm.base_model`; the manifest's vocabulary becomes the enlarged
+    one, with the prompt template as token ids."""
+    from training.lora import train_lora  # peft is only needed here
+
+    shutil.rmtree(bundle.lm_dir, ignore_errors=True)  # a previous recommender's files
+    res, vocab = train_lora(
+        ws.cfg.llm,
+        split.train,
+        split.valid,
+        bundle.catalogue.codes,
+        bundle.vocab.levels,
+        bundle.vocab.codebook_size,
+        bundle.vocab.history_items,
+        bundle.lm_dir,
+        checkpoint=ws.stages / "llm_checkpoint.pt",
+        progress=ws.progress,
+    )
+    bundle.manifest.vocab = vocab
+    bundle.manifest.config = ws.cfg.to_dict()
+    bundle.save()
+    extra = {
+        "recommender": "llm",
+        "base_model": ws.cfg.llm.base_model,
+        "code_offset": vocab.code_offset,
+        "prompt_tokens": len(vocab.head) + len(vocab.prompt_suffix),
+    }
+    return _lm_summary(ws, res, ws.cfg.llm.train.device, extra)
+
+
+def _lm_summary(ws: Workspace, res: LMResult, device: str, extra: dict[str, Any]) -> dict[str, Any]:
     summary = {
+        **extra,
         "valid": res.valid,
         "epochs": res.epochs,
         "train_seconds": res.seconds,
         "tokens_per_s": res.tokens_per_s,
-        "device": ws.cfg.lm.device,
+        "device": device,
         "history": res.history,
     }
     write_json(summary, ws.out / "report" / "lm.json")
