@@ -136,19 +136,12 @@ def _is_unicode(text: str) -> bool:
 
 class TokenizeRequest(_Strict):
     items: list[TokenizeItem] = Field(min_length=1, max_length=MAX_TOKENIZE_ITEMS)
+    """The items, in any order. An item_id given twice with the same text is stored once (the
+    later copy answers `existing`); twice with different texts is a conflict (409)."""
     dry_run: bool = False
     """Compute codes (and conflicts) without storing anything."""
     replace: bool = False
     """Re-tokenize items whose id exists with a different text (the old identifier retires)."""
-
-    @model_validator(mode="after")
-    def _unique_ids(self) -> TokenizeRequest:
-        seen: set[str] = set()
-        for i, item in enumerate(self.items):
-            if item.item_id in seen:
-                raise ValueError(f"items[{i}].item_id {item.item_id!r} appears twice")
-            seen.add(item.item_id)
-        return self
 
 
 TokenizeStatus = Literal["created", "existing", "replaced"]

@@ -260,7 +260,16 @@ class ServingTokenize:
         plan = _Plan(statuses=[""] * n, codes=[()] * n)
         todo: list[int] = []
         conflicts: list[dict[str, Any]] = []
+        first: dict[str, int] = {}
+        copies: dict[int, int] = {}  # a repeated item -> its first occurrence
         for i, item in enumerate(req.items):
+            j = first.setdefault(item.item_id, i)
+            if j != i:
+                if hashes[i] == hashes[j]:
+                    copies[i] = j
+                else:
+                    conflicts.append(_repeated(i, j, item.item_id))
+                continue
             row = live.row_of(item.item_id)
             view = live.item(row) if row is not None else None
             if view is not None and view.text_hash == hashes[i]:
@@ -273,6 +282,8 @@ class ServingTokenize:
             raise Conflict(conflicts)
         if todo:
             self._encode(req, fields, hashes, todo, plan)
+        for i, j in copies.items():  # as if sent after the first: it finds the item stored
+            plan.statuses[i], plan.codes[i] = "existing", plan.codes[j]
         return plan
 
     def _encode(
@@ -324,6 +335,15 @@ class ServingTokenize:
             raise Conflict(conflicts)
         # Retire re-tokenized rows before new items may take their freed identifiers.
         plan.entries.sort(key=lambda e: live.row_of(e.item_id) is None)
+
+
+def _repeated(i: int, first: int, item_id: str) -> dict[str, Any]:
+    return {
+        "loc": ["body", "items", i, "item_id"],
+        "msg": f"item_id {item_id!r} is also items[{first}], with a different text; "
+        "send one text per item_id",
+        "type": "conflict",
+    }
 
 
 def _conflict(i: int, item_id: str, why: str) -> dict[str, Any]:

@@ -244,6 +244,21 @@ def test_tokenize_a_batch_gets_unique_codes(client: httpx.Client, bundle: Bundle
     assert not set(codes) & bundle_codes
 
 
+def test_tokenize_an_item_twice_in_one_request(client: httpx.Client) -> None:
+    # The same text twice is stored once, as if sent twice; two texts for one id conflict.
+    twice = [{"item_id": "twice-1", "title": "Harbour fish market"}] * 2
+    r = client.post("/tokenize", json={"items": twice}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    first, second = r.json()["items"]
+    assert (first["status"], second["status"]) == ("created", "existing")
+    assert first["codes"] == second["codes"] == client.get("/items/twice-1").json()["codes"]
+    clash = [{"item_id": "twice-2", "title": "Harbour fish market"}, {"item_id": "twice-2"}]
+    r = client.post("/tokenize", json={"items": clash, "replace": True}, headers=AUTH)
+    assert r.status_code == 409, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", "items", 1, "item_id"]
+    assert client.get("/items/twice-2").status_code == 404
+
+
 def test_tokenize_extra_fields_and_bundle_item_replace(
     client: httpx.Client, bundle: Bundle
 ) -> None:
@@ -287,7 +302,7 @@ MALFORMED = [
     ("/tokenize", {"items": []}, "items"),
     ("/tokenize", {"items": [{"title": "no id"}]}, "item_id"),
     ("/tokenize", {"items": [{"item_id": "a", "price": 3}]}, "price"),
-    ("/tokenize", {"items": [{"item_id": "a"}, {"item_id": "a"}]}, "item_id"),
+    ("/tokenize", {"items": [{"item_id": "a"}, {"item_id": "a", "title": "b"}]}, "item_id"),
     ("/tokenize", {"items": [{"item_id": "a", "title": LONG}]}, "title"),
     ("/tokenize", {"items": [{"item_id": f"i{i}"} for i in range(257)]}, "items"),
     ("/tokenize", {"items": [{"item_id": "a"}], "dry_run": "no"}, "dry_run"),
