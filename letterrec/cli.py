@@ -342,6 +342,74 @@ def demo(
     serve(bundle=out, host=host, port=port)
 
 
+@app.command("batch-recommend")
+def batch_recommend(
+    bundle: Annotated[Path, typer.Option("--bundle", help="Bundle directory.")],
+    users: Annotated[
+        str,
+        typer.Option(
+            "--users",
+            help="Users to recommend for: a Parquet file (user_id, history = list of item ids, "
+            "oldest first), or a dataset as for --data (each user's whole sequence).",
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Output directory of Parquet parts (resumes when rerun)."),
+    ],
+    runner: Annotated[str, typer.Option("--runner", help="local or ray (.[scale]).")] = "local",
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Ray actors.")] = 1,
+    k: Annotated[int, typer.Option("--k", min=1, max=100)] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
+    chunk_size: Annotated[
+        int, typer.Option("--chunk-size", min=1, help="Users per part (unit of resumption).")
+    ] = 4096,
+    threads: Annotated[
+        int, typer.Option("--threads", min=0, help="torch CPU threads per worker (0: default).")
+    ] = 0,
+    device: DeviceOpt = "cpu",
+    gpus_per_worker: Annotated[
+        float, typer.Option("--gpus-per-worker", min=0, help="ray: GPUs per actor.")
+    ] = 0.0,
+    ray_address: Annotated[
+        str | None, typer.Option("--ray-address", help="ray: cluster to join (default: local).")
+    ] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Top-k of every user into Parquet (user_id, rank, item_id, score), as /recommend answers."""
+    from service.batch import BatchConfig, BatchError, read_users_parquet, run_local, users_table
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if runner not in ("local", "ray"):
+        raise typer.BadParameter(f"'{runner}': use local or ray", param_hint="--runner")
+    try:
+        cfg = BatchConfig(
+            bundle, k, batch_size, chunk_size, device=_device(device), threads=threads
+        )
+        if Path(users).suffix == ".parquet" or Path(users).is_file():
+            table = read_users_parquet(Path(users))
+        else:
+            from training.data import DataError, load_dataset
+
+            try:
+                ds = load_dataset(users)
+            except DataError as e:
+                raise BatchError(str(e)) from e
+            table = users_table(ds.user_ids, [[ds.item_ids[r] for r in s] for s in ds.sequences])
+        if runner == "ray":
+            from service.batch_ray import run_ray
+
+            gpus = gpus_per_worker or (1.0 if cfg.device.startswith("cuda") else 0.0)
+            result = run_ray(table, out, cfg, workers, gpus, ray_address, progress=not quiet)
+        else:
+            _set_threads(threads)
+            result = run_local(table, out, cfg, progress=not quiet)
+    except BatchError as e:
+        console.print(f"[red]error[/red]: {e}")
+        raise typer.Exit(2) from e
+    _summary("batch-recommend", {**result, "out": str(out)})
+
+
 def main() -> None:
     app()
 

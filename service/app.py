@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from models.bundle import Bundle, BundleError
 from service.batcher import MicroBatcher, QueueFull, ShuttingDown
 from service.deps import ServiceState
-from service.docs import add_offline_docs
+from service.docs import add_offline_docs, complete_openapi
 from service.engines.base import DecodeEngine, DecodeRequest, Recommendation
 from service.engines.subprocess_engine import DecodeWorkerError
 from service.metrics import Metrics, MetricsMiddleware
@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     for router in ROUTERS:
         app.include_router(router)
+    complete_openapi(app)
     _add_error_handlers(app)
     app.add_middleware(BodySizeLimit, limit=lambda: _body_limit(app))
     app.add_middleware(MetricsMiddleware, metrics=metrics)

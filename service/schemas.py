@@ -5,14 +5,22 @@ whose `detail[].loc` names the field):
 - item ids: 1..256 characters, no control characters;
 - history and exclude: at most 1000 item ids each; k: 1..100;
 - /recommend/batch: at most 256 requests; /tokenize: at most 256 items;
-- text fields: at most 10,000 characters; at most 32 extra text fields per item.
+- text fields: at most 10,000 characters; at most 35 fields per item (item_id, title,
+  description and 32 more), each a string whose name has at most 64 characters.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 MAX_HISTORY = 1000
 MAX_EXCLUDE = 1000
@@ -20,7 +28,8 @@ MAX_K = 100
 MAX_BATCH_REQUESTS = 256
 MAX_TOKENIZE_ITEMS = 256
 MAX_TEXT_CHARS = 10_000
-MAX_EXTRA_FIELDS = 32
+MAX_ITEM_FIELDS = 35
+MAX_FIELD_NAME_CHARS = 64
 MAX_ITEM_ID_CHARS = 256
 
 ItemId = Annotated[
@@ -30,8 +39,21 @@ ItemId = Annotated[
 Text = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
 
 
+def _integral(value: object) -> object:
+    """JSON has one number type: 20.0 is the integer 20 (JSON Schema says so too); 20.5 and
+    "20" stay what they are, and strict validation rejects them."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+JSONInt = Annotated[int, BeforeValidator(_integral)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # Field docstrings become descriptions in /openapi.json: constraints a JSON schema cannot
+    # state are documented there.
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
 
 class RecommendRequest(_Strict):
@@ -39,7 +61,7 @@ class RecommendRequest(_Strict):
 
     history: list[ItemId] = Field(default_factory=list, max_length=MAX_HISTORY)
     """Item ids the user interacted with, oldest first. Unknown ids are ignored and listed."""
-    k: int = Field(10, ge=1, le=MAX_K)
+    k: JSONInt = Field(10, ge=1, le=MAX_K)
     """How many items to return."""
     exclude: list[ItemId] = Field(default_factory=list, max_length=MAX_EXCLUDE)
     """Item ids that must not be returned (exact: excluded inside the search)."""
@@ -57,7 +79,14 @@ class RecommendRequest(_Strict):
     --cold-items`; 0 when absent)."""
 
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"history": ["1", "2"], "k": 10, "exclude": []}]}
+        json_schema_extra={
+            "examples": [{"history": ["1", "2"], "k": 10, "exclude": []}],
+            # repeat needs the history, so it cannot be combined with exclude_history
+            "not": {
+                "required": ["repeat", "exclude_history"],
+                "properties": {"repeat": {"const": True}, "exclude_history": {"const": True}},
+            },
+        }
     )
 
 
@@ -99,7 +128,17 @@ class TokenizeItem(BaseModel):
     """An item's text. Fields besides item_id, title and description must be strings too; the
     bundle's text template decides which of them the tokenizer reads."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(
+        extra="allow",
+        strict=True,
+        use_attribute_docstrings=True,
+        # what _check_extra enforces, stated in /openapi.json
+        json_schema_extra={
+            "additionalProperties": {"type": "string", "maxLength": MAX_TEXT_CHARS},
+            "propertyNames": {"maxLength": MAX_FIELD_NAME_CHARS},
+            "maxProperties": MAX_ITEM_FIELDS,
+        },
+    )
 
     item_id: ItemId
     title: Text = ""
@@ -108,13 +147,16 @@ class TokenizeItem(BaseModel):
     @model_validator(mode="after")
     def _check_extra(self) -> TokenizeItem:
         extra = self.__pydantic_extra__ or {}
-        if len(extra) > MAX_EXTRA_FIELDS:
-            raise ValueError(f"at most {MAX_EXTRA_FIELDS} extra fields, got {len(extra)}")
+        given = len(self.model_fields_set | set(extra))
+        if given > MAX_ITEM_FIELDS:
+            raise ValueError(f"at most {MAX_ITEM_FIELDS} fields per item, got {given}")
         for name, value in extra.items():
             if not _is_unicode(name) or (isinstance(value, str) and not _is_unicode(value)):
                 raise ValueError(f"field {name!r} is not valid unicode (lone surrogate)")
-            if len(name) > 64:
-                raise ValueError(f"extra field name longer than 64 characters: {name[:64]!r}...")
+            if len(name) > MAX_FIELD_NAME_CHARS:
+                raise ValueError(
+                    f"field name longer than {MAX_FIELD_NAME_CHARS} characters: {name[:64]!r}..."
+                )
             if not isinstance(value, str):
                 raise ValueError(f"field {name!r} must be a string, got {type(value).__name__}")
             if len(value) > MAX_TEXT_CHARS:
@@ -166,6 +208,25 @@ class ItemResponse(BaseModel):
     codes: list[int]
     title: str
     source: Literal["bundle", "tokenized"]
+
+
+class ErrorResponse(BaseModel):
+    """The body of an error answer (all but 409 and 422): what was wrong and what to do."""
+
+    detail: str
+
+
+class Problem(BaseModel):
+    """One entry of a 409's `detail`, in the shape of a validation error's entries."""
+
+    loc: list[str | int]
+    """Where: ["body", "items", <index>, "item_id"]."""
+    msg: str
+    type: str
+
+
+class ConflictResponse(BaseModel):
+    detail: list[Problem]
 
 
 class Health(BaseModel):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response, status
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from service.schemas import Health, Readiness
 
@@ -40,8 +40,17 @@ async def readyz(request: Request) -> Response:
     return JSONResponse(body.model_dump(), status_code=code)
 
 
-@router.get("/metrics", include_in_schema=False)
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={
+        200: {
+            "description": "Prometheus text format",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        }
+    },
+)
 async def metrics(request: Request) -> Response:
-    """Prometheus text exposition of this app's registry."""
+    """Prometheus text exposition of this app's registry (`letterrec_*` metrics)."""
     data, content_type = request.app.state.metrics.render()
     return Response(data, media_type=content_type)

@@ -5,12 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, status
 
 from service.deps import StoreDep
+from service.routes.errors import error
 from service.schemas import ItemResponse
 
 router = APIRouter(tags=["catalogue"])
 
 
-@router.get("/items/{item_id:path}", responses={404: {"description": "Unknown item_id"}})
+@router.get("/items/{item_id:path}", responses={404: error("Unknown item_id")})
 async def get_item(item_id: str, store: StoreDep) -> ItemResponse:
     """An active catalogue item (bundle or tokenized) with its current codes."""
     row = store.live.row_of(item_id)

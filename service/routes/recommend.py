@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Depends
 
 from service.deps import RecommendDep, require_read_key
+from service.routes.errors import BODY_TOO_LARGE, Responses, error, unauthorized, unavailable
+from service.routes.json_body import JSONBodyRoute
 from service.schemas import (
     BatchRecommendRequest,
     BatchRecommendResponse,
@@ -14,12 +14,19 @@ from service.schemas import (
     RecommendResponse,
 )
 
-router = APIRouter(tags=["recommend"], dependencies=[Depends(require_read_key)])
+# The API key is optional here unless LETTERREC_REQUIRE_KEY_FOR_RECOMMEND is set;
+# /openapi.json says which (service.docs).
+router = APIRouter(
+    tags=["recommend"], dependencies=[Depends(require_read_key)], route_class=JSONBodyRoute
+)
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "API key required (when LETTERREC_REQUIRE_KEY_FOR_RECOMMEND is set)"},
-    503: {"description": "Queue full or shutting down; see Retry-After"},
-    504: {"description": "Not decoded within the request timeout"},
+_ERRORS: Responses = {
+    401: unauthorized(
+        "Missing or wrong API key (only when LETTERREC_REQUIRE_KEY_FOR_RECOMMEND is set)"
+    ),
+    **BODY_TOO_LARGE,
+    503: unavailable("Queue full, decoding failed or shutting down; see Retry-After"),
+    504: error("Not decoded within the request timeout"),
 }
 
 

@@ -5,18 +5,22 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from service.deps import TokenizeDep, require_write_key
+from service.routes.errors import BODY_TOO_LARGE, conflict, error, unauthorized, unavailable
+from service.routes.json_body import JSONBodyRoute
 from service.schemas import TokenizeRequest, TokenizeResponse
 
-router = APIRouter(tags=["catalogue"])
+router = APIRouter(tags=["catalogue"], route_class=JSONBodyRoute)
 
 
 @router.post(
     "/tokenize",
     dependencies=[Depends(require_write_key)],
     responses={
-        401: {"description": "Missing or wrong API key; nothing was changed"},
-        409: {"description": "An item_id exists with a different text and replace is false"},
-        503: {"description": "Catalogue store unreachable; nothing was stored"},
+        401: unauthorized("Missing or wrong API key; nothing was changed"),
+        409: conflict("An item_id exists with a different text and replace is false"),
+        **BODY_TOO_LARGE,
+        503: unavailable("Catalogue store unreachable; nothing was stored"),
+        507: error("No free identifier is left for a new item; nothing was stored"),
     },
 )
 async def tokenize(body: TokenizeRequest, serving: TokenizeDep) -> TokenizeResponse:
