@@ -357,7 +357,9 @@ def batch_recommend(
         Path,
         typer.Option("--out", help="Output directory of Parquet parts (resumes when rerun)."),
     ],
-    runner: Annotated[str, typer.Option("--runner", help="local or ray (.[scale]).")] = "local",
+    runner: Annotated[
+        str, typer.Option("--runner", help="local, or ray (the scale extra).")
+    ] = "local",
     workers: Annotated[int, typer.Option("--workers", min=1, help="Ray actors.")] = 1,
     k: Annotated[int, typer.Option("--k", min=1, max=100)] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
@@ -369,7 +371,8 @@ def batch_recommend(
     ] = 0,
     device: DeviceOpt = "cpu",
     gpus_per_worker: Annotated[
-        float, typer.Option("--gpus-per-worker", min=0, help="ray: GPUs per actor.")
+        float,
+        typer.Option("--gpus-per-worker", min=0, help="ray: GPUs per actor (default: 1 on cuda)."),
     ] = 0.0,
     ray_address: Annotated[
         str | None, typer.Option("--ray-address", help="ray: cluster to join (default: local).")
