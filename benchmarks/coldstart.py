@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, header, md_header, md_table, write_result
+from benchmarks.common import RESULTS, header, md_header, md_table, rows_figure, write_result
 
 COLUMNS = [
     "model",
@@ -113,25 +113,9 @@ def main() -> None:
 
 
 def plot(rows: list[dict[str, Any]], grid: list[dict[str, float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [2, 1]})
-    names = [r["model"] for r in rows]
-    for j, m in enumerate(("recall@10", "recall@10_cold")):
-        y = [i + 0.4 * j for i in range(len(rows))]
-        axes[0].barh(
-            y,
-            [r[m] for r in rows],
-            height=0.4,
-            xerr=[2 * r.get(f"se_{m}", 0.0) for r in rows],
-            label=f"{m} (test, +-2 se)",
-        )
-    axes[0].set_yticks([i + 0.2 for i in range(len(rows))], names)
-    axes[0].invert_yaxis()
-    axes[0].legend(fontsize=8)
+    fig, axes = rows_figure(rows, ("recall@10", "recall@10_cold"))
     if grid:
         xs = [g["bonus"] for g in grid]
         axes[1].plot(xs, [g["ndcg@10"] for g in grid], marker=".", label="NDCG@10 (all)")

@@ -199,3 +199,27 @@ def write_result(
     path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
     (results / f"{name}.md").write_text(markdown)
     return path
+
+
+def rows_figure(rows: list[dict[str, Any]], metrics: tuple[str, str]) -> tuple[Any, Any]:
+    """A report figure: each row's two `metrics` as horizontal bars with +-2 standard errors
+    (`se_<metric>`) on the left; the right axis is left to the caller. Returns (fig, axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [2, 1]})
+    for j, m in enumerate(metrics):
+        y = [i + 0.4 * j for i in range(len(rows))]
+        axes[0].barh(
+            y,
+            [r[m] for r in rows],
+            height=0.4,
+            xerr=[2 * r.get(f"se_{m}", 0.0) for r in rows],
+            label=f"{m} (test, +-2 se)",
+        )
+    axes[0].set_yticks([i + 0.2 for i in range(len(rows))], [r["model"] for r in rows])
+    axes[0].invert_yaxis()
+    axes[0].legend(fontsize=8)
+    return fig, axes

@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, header, md_header, md_table, write_result
+from benchmarks.common import RESULTS, header, md_header, md_table, rows_figure, write_result
 from benchmarks.quality import PAPER_YELP
 from training.config import PipelineConfig, _from_dict
 from training.data import leave_one_out, load_dataset
@@ -201,25 +201,9 @@ def main() -> None:
 
 
 def plot(rows: list[dict[str, Any]], history: list[dict[str, float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [2, 1]})
-    names = [r["model"] for r in rows]
-    for j, m in enumerate(("recall@10", "ndcg@10")):
-        y = [i + 0.4 * j for i in range(len(rows))]
-        axes[0].barh(
-            y,
-            [r[m] for r in rows],
-            height=0.4,
-            xerr=[2 * r.get(f"se_{m}", 0.0) for r in rows],
-            label=f"{m} (test, +-2 se)",
-        )
-    axes[0].set_yticks([i + 0.2 for i in range(len(rows))], names)
-    axes[0].invert_yaxis()
-    axes[0].legend(fontsize=8)
+    fig, axes = rows_figure(rows, ("recall@10", "ndcg@10"))
     pts = [(h["epoch"], h["valid_ndcg@10"]) for h in history if "valid_ndcg@10" in h]
     if pts:
         axes[1].plot(*zip(*pts, strict=True), marker=".")

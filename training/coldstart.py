@@ -120,7 +120,8 @@ class ServedCatalogue:
         self.order = np.concatenate([self.keep, self.cold])  # served row -> dataset row
         self.row = np.empty_like(self.order)
         self.row[self.order] = np.arange(len(self.order))  # dataset row -> served row
-        self.trie = ItemTrie.from_codes(self.codes[self.order], self.codebook_size)
+        self.served_codes = self.codes[self.order]  # [n, L] by served row
+        self.trie = ItemTrie.from_codes(self.served_codes, self.codebook_size)
 
     def recommend(
         self,
@@ -136,7 +137,7 @@ class ServedCatalogue:
         recs = recommend(
             model,
             served,
-            self.codes[self.order],
+            self.served_codes,
             vocab,
             self.trie,
             10,
@@ -170,13 +171,13 @@ def fit_new_item_bonus(
     difference; with every grid point's figures."""
     targets = [t for _, t in pairs]
     hists = [h for h, _ in pairs]
+    cold = np.isin(targets, served.cold)
     gains: dict[float, np.ndarray] = {}
     table = []
     for b in tqdm(grid, desc="new-item bonus", unit="value", disable=not progress):
         recs = served.recommend(model, hists, vocab, beam_width, b)
         ranks = ranks_from_lists(recs, targets)
         gains[b] = gains_at(ranks, 10)
-        cold = np.isin(targets, served.cold)
         table.append(
             {
                 "bonus": b,
@@ -195,7 +196,7 @@ def fit_new_item_bonus(
         "new_item_bonus": float(chosen),
         "best_on_validation": float(best),
         "users": len(pairs),
-        "cold_targets": int(np.isin(targets, served.cold).sum()),
+        "cold_targets": int(cold.sum()),
         "gain_ndcg@10": float(diff.mean()),
         "se_gain_ndcg@10": se,
         "grid": table,

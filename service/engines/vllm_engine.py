@@ -210,8 +210,9 @@ class VllmEngine(DecodeEngine):
         searches = [self._new_search(r, trie) for r in requests]
         new = new_item_bonus(requests)
         fresh = trie.since(new.first_row).tensors("cpu") if new is not None else None
-        for s, bonus in zip(searches, new.bonus if new is not None else (), strict=False):
-            s.bonus = bonus
+        if new is not None:
+            for s, bonus in zip(searches, new.bonus, strict=True):
+                s.bonus = bonus
         for level in range(self.vocab.levels):
             calls = self._calls(searches, level, tensors)
             logprobs = self._score(calls)
