@@ -68,6 +68,18 @@ ThreadsOpt = Annotated[
     ),
 ]
 
+NprocOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--nproc",
+        min=1,
+        help="Train the recommender on N data-parallel processes (torch.distributed through "
+        "torchrun's launcher: gloo on CPU, one GPU each on CUDA), with the global batch and "
+        "schedule of one process; the CPU threads are split among them. Default: the "
+        "configuration's lm.nproc (1).",
+    ),
+]
+
 
 def _set_threads(threads: int) -> None:
     if threads > 0:
@@ -98,6 +110,7 @@ def _workspace(
     quiet: bool,
     recommender: str | None = None,
     base_model: str | None = None,
+    nproc: int | None = None,
 ):  # noqa: ANN202
     from training.config import get_profile, load_config
     from training.pipeline import Workspace
@@ -105,7 +118,7 @@ def _workspace(
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(config) if config else get_profile(profile)
-        cfg = cfg.with_llm(base_model, recommender)
+        cfg = cfg.with_llm(base_model, recommender).with_nproc(nproc)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     return Workspace(
@@ -202,8 +215,32 @@ def _stage_command(stage: str) -> None:
 
 
 for _stage in STAGES:
-    if _stage != "evaluate":
+    if _stage not in ("lm", "evaluate"):
         _stage_command(_stage)
+
+
+@app.command(STAGE_COMMANDS["lm"][0])
+def train_lm_command(
+    data: DataOpt = "ml-100k",
+    out: OutOpt = Path("bundles/ml-100k"),
+    profile: ProfileOpt = "full",
+    config: ConfigOpt = None,
+    device: DeviceOpt = "auto",
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    threads: ThreadsOpt = 0,
+    recommender: RecommenderOpt = None,
+    base_model: BaseModelOpt = None,
+    nproc: NprocOpt = None,
+) -> None:
+    _set_threads(threads)
+    ws = _workspace(
+        data, out, profile, config, device, force, quiet, recommender, base_model, nproc
+    )
+    _run("lm", ws)
+
+
+train_lm_command.__doc__ = STAGE_COMMANDS["lm"][1]
 
 
 @app.command("evaluate")
@@ -269,11 +306,15 @@ def pipeline(
     threads: ThreadsOpt = 0,
     recommender: RecommenderOpt = None,
     base_model: BaseModelOpt = None,
+    nproc: NprocOpt = None,
 ) -> None:
     """All offline stages in order; each resumes from its saved output. With --base-model DIR
-    the recommender is that pretrained LM fine-tuned with LoRA (LC-Rec style)."""
+    the recommender is that pretrained LM fine-tuned with LoRA (LC-Rec style); with --nproc N
+    the from-scratch recommender trains on N data-parallel processes."""
     _set_threads(threads)
-    ws = _workspace(data, out, profile, config, device, force, quiet, recommender, base_model)
+    ws = _workspace(
+        data, out, profile, config, device, force, quiet, recommender, base_model, nproc
+    )
     chosen = [s.strip() for s in stages.split(",") if s.strip()] if stages else STAGES
     unknown = [s for s in chosen if s not in STAGES]
     if unknown:

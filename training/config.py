@@ -41,6 +41,11 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if self.recommender not in RECOMMENDERS:
             raise ValueError(f"unknown recommender {self.recommender!r}; valid: {RECOMMENDERS}")
+        if self.recommender == "llm" and max(self.lm.nproc, self.llm.train.nproc) > 1:
+            raise ValueError(
+                "nproc > 1 trains the from-scratch recommender; the llm recommender (LoRA)"
+                " trains in one process: set lm.nproc to 1 (--nproc 1)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -58,6 +63,12 @@ class PipelineConfig:
         if cfg.recommender == "llm" and not cfg.llm.base_model:
             raise ValueError("the llm recommender needs a base model: --base-model DIR")
         return cfg
+
+    def with_nproc(self, nproc: int | None) -> PipelineConfig:
+        """The command line's `--nproc` (None: the configuration's) over `lm.nproc`."""
+        if nproc is None:
+            return self
+        return dataclasses.replace(self, lm=dataclasses.replace(self.lm, nproc=nproc))
 
     def with_device(self, device: str) -> PipelineConfig:
         return dataclasses.replace(

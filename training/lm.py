@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from models.trie import ItemTrie
 from models.vocab import CodeVocab
 from training.distill import Teacher, code_targets
 from training.metrics import ranks_from_lists, summarize
+
+if TYPE_CHECKING:
+    from training.ddp import DataParallel
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,14 @@ class LMTrainConfig:
     """Temperature of the teacher's softmax (> 1 flattens it)."""
     seed: int = 0
     device: str = "cpu"
+    nproc: int = 1
+    """Data-parallel training processes (`training.ddp`): gloo on CPU, NCCL and one GPU each on
+    CUDA. The global batch (`batch_size`), the schedule and the gradient of each step are those
+    of one process; each process computes its share of every batch."""
+
+    def __post_init__(self) -> None:
+        if self.nproc < 1:
+            raise ValueError(f"lm.nproc must be >= 1 (processes), got {self.nproc}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -277,15 +288,31 @@ def lm_loss(
     weights: torch.Tensor | None = None,
     soft: tuple[torch.Tensor, torch.Tensor, float, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Next-token ranking-guided loss over the real tokens; with `weights` [B, T-1] (one per
-    target token, zero on padding) the weighted mean instead of the mean. With `soft` = (q
-    [B, T-1, N], has [B, T-1], weight, level_index [T-1, N]) each code token where `has` mixes
-    the cross-entropy on the true token with (weight) the cross-entropy against q over the
-    tokens of its level (distillation, `training.distill`)."""
+    """Next-token ranking-guided loss over the real tokens; with `weights` or `soft` (see
+    `token_losses`) the weighted mean of `token_losses` instead of the mean."""
+    if weights is None and soft is None:
+        logits = model(input_ids=ids, attention_mask=mask).logits  # [B, T, V]
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        return ranking_guided_loss(logits[:, :-1], targets, tau, -100)
+    per_token, w = token_losses(model, ids, mask, tau, weights, soft)
+    return (per_token * w).sum() / w.sum().clamp_min(1e-9)
+
+
+def token_losses(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    tau: float,
+    weights: torch.Tensor | None = None,
+    soft: tuple[torch.Tensor, torch.Tensor, float, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss [B, T-1], weight [B, T-1]) of each target token of `ids` [B, T]: the
+    ranking-guided cross-entropy, and `weights` (one per target token) or 1, zero on padding.
+    With `soft` = (q [B, T-1, N], has [B, T-1], weight, level_index [T-1, N]) each code token
+    where `has` mixes the cross-entropy on the true token with (weight) the cross-entropy
+    against q over the tokens of its level (distillation, `training.distill`)."""
     logits = model(input_ids=ids, attention_mask=mask).logits  # [B, T, V]
     targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    if weights is None and soft is None:
-        return ranking_guided_loss(logits[:, :-1], targets, tau, -100)
     logp = F.log_softmax((logits[:, :-1] / tau).float(), -1)  # [B, T-1, V]
     valid = targets != -100
     per_token = -logp.gather(2, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
@@ -295,7 +322,7 @@ def lm_loss(
         kd = -(q * level_logp).sum(-1)
         per_token = torch.where(has, (1 - lam) * per_token + lam * kd, per_token)
     w = (torch.ones_like(per_token) if weights is None else weights) * valid
-    return (per_token * w).sum() / w.sum().clamp_min(1e-9)
+    return per_token, w
 
 
 def soft_targets(
@@ -446,10 +473,15 @@ def train_lm(
     progress: bool = True,
     model: torch.nn.Module | None = None,
     teacher: Teacher | None = None,
+    parallel: DataParallel | None = None,
 ) -> LMResult:
     """Train from scratch, or `model` (e.g. a LoRA-wrapped pretrained LM), or resume from
     `checkpoint`; keeps the best validation state. `teacher` (for `cfg.distill` > 0): the
-    SASRec distributions of `training.distill.teacher_topk` over the same windows."""
+    SASRec distributions of `training.distill.teacher_topk` over the same windows.
+    `parallel`: this process's rank in a data-parallel group (`training.ddp`, which launches
+    them): every rank draws the same global batches and trains on its share of each, with the
+    gradient of the whole batch's loss; rank 0 alone validates, checkpoints and decides when to
+    stop, and only its result holds the validation history."""
     if cfg.distill > 0 and teacher is None:
         raise ValueError("lm.distill > 0 needs a teacher (training.distill.teacher_topk)")
     if not 0 <= cfg.distill <= 1:
@@ -529,44 +561,63 @@ def train_lm(
         state = TrainState(**saved["state"])
         rng = saved["rng"]
         log.info("resumed from %s at epoch %d", checkpoint, state.epoch)
-    ema = _ema_model(model, cfg.ema)  # before the dropout hooks: the copy has none
+    main = parallel is None or parallel.main
+    # Before the dropout hooks: the copy has none. Rank 0 alone validates and saves the average.
+    ema = _ema_model(model, cfg.ema) if main else None
     if ema is not None and checkpoint is not None and checkpoint.exists() and "ema" in saved:
         ema.load_state_dict(saved["ema"])
     hooks = residual_dropout(model, cfg.hidden_dropout)
+    net = model if parallel is None else parallel.wrap(model, cfg.seed)
     use_bf16 = cfg.bf16 and native_bf16(device)
     if cfg.bf16 and not use_bf16:
         log.warning("lm.bf16: no native bfloat16 on %s; training in float32", device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    def batch(
+        idx: np.ndarray,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Any]:
+        """(ids, mask, token weights, distillation targets) of the windows `idx` on `device`."""
+        ids, mask = collate([wins[i] for i in idx], vocab.pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        weights = None
+        if tok_w is not None:
+            weights = torch.zeros(ids.shape[0], ids.shape[1] - 1)
+            for r, i in enumerate(idx):
+                weights[r, : len(tok_w[i])] = torch.from_numpy(tok_w[i])
+            weights = weights.to(device)
+        soft = None
+        if cfg.distill > 0 and teacher is not None:
+            q, has = soft_targets(teacher, idx, ids, codes_t, vocab)
+            t1 = ids.shape[1] - 1
+            soft = (q.to(device), has.to(device), cfg.distill, index[:t1])
+        return ids, mask, weights, soft
+
     t0, tokens = time.perf_counter(), 0
     bar = tqdm(
-        range(state.epoch, cfg.epochs), desc="recommender", unit="epoch", disable=not progress
+        range(state.epoch, cfg.epochs),
+        desc="recommender",
+        unit="epoch",
+        disable=not (progress and main),
     )
     for epoch in bar:
-        model.train()
+        net.train()
         total_loss, n_batches = 0.0, 0
         batches = tqdm(
             length_batches(lengths, cfg.batch_size, rng),
             desc=f"epoch {epoch + 1}",
             unit="batch",
             leave=False,
-            disable=not progress,
+            disable=not (progress and main),
         )
         for idx in batches:
-            ids, mask = collate([wins[i] for i in idx], vocab.pad_id)
-            ids, mask = ids.to(device), mask.to(device)
-            weights = None
-            if tok_w is not None:
-                weights = torch.zeros(ids.shape[0], ids.shape[1] - 1)
-                for r, i in enumerate(idx):
-                    weights[r, : len(tok_w[i])] = torch.from_numpy(tok_w[i])
-                weights = weights.to(device)
-            soft = None
-            if cfg.distill > 0 and teacher is not None:
-                q, has = soft_targets(teacher, idx, ids, codes_t, vocab)
-                t1 = ids.shape[1] - 1
-                soft = (q.to(device), has.to(device), cfg.distill, index[:t1])
+            rows, counted = (idx, True) if parallel is None else parallel.share(idx)
+            ids, mask, weights, soft = batch(rows)
             with autocast:
-                loss = lm_loss(model, ids, mask, cfg.tau, vocab.pad_id, weights, soft)
+                if parallel is None:
+                    loss = lm_loss(model, ids, mask, cfg.tau, vocab.pad_id, weights, soft)
+                else:
+                    per_token, w = token_losses(net, ids, mask, cfg.tau, weights, soft)
+                    loss = parallel.loss(per_token, w, counted)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -576,11 +627,13 @@ def train_lm(
                 ema.update_parameters(model)
             total_loss += loss.item()
             n_batches += 1
-            tokens += int(mask.sum())
+            tokens += int(mask.sum()) if counted else 0
             if n_batches % 20 == 0:
                 batches.set_postfix(loss=f"{total_loss / n_batches:.3f}")
+        if parallel is not None:  # each rank's loss is its share of the batch's, times world
+            total_loss = parallel.sum(total_loss)[0] / parallel.world
         row: dict[str, float] = {"epoch": epoch + 1, "loss": total_loss / max(1, n_batches)}
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        if main and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             scored = model if ema is None else ema.module
             metrics, _ = evaluate_pairs(scored, valid_subset, codes, vocab, trie, cfg.beam_width)
             row.update({f"valid_{k}": v for k, v in metrics.items()})
@@ -592,9 +645,12 @@ def train_lm(
                 state.bad += 1
         state.history.append(row)
         state.epoch = epoch + 1
-        log.info("recommender epoch %d: %s", epoch + 1, {k: round(v, 5) for k, v in row.items()})
-        bar.set_postfix(loss=f"{row['loss']:.3f}", best_ndcg10=f"{max(state.best, 0):.4f}")
-        if checkpoint is not None:
+        if main:
+            log.info(
+                "recommender epoch %d: %s", epoch + 1, {k: round(v, 5) for k, v in row.items()}
+            )
+            bar.set_postfix(loss=f"{row['loss']:.3f}", best_ndcg10=f"{max(state.best, 0):.4f}")
+        if main and checkpoint is not None:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             torch.save(
                 {
@@ -607,8 +663,13 @@ def train_lm(
                 },
                 checkpoint,
             )
-        if state.bad >= cfg.patience and state.epoch >= cfg.min_epochs:
+        stop = state.bad >= cfg.patience and state.epoch >= cfg.min_epochs
+        if parallel is not None:
+            stop = parallel.decide(stop)
+        if stop:
             break
+    if parallel is not None:
+        tokens = int(parallel.sum(float(tokens))[0])
     seconds = time.perf_counter() - t0
     for hook in hooks:
         hook.remove()

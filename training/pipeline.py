@@ -22,10 +22,11 @@ from training.cf import evaluate as sasrec_evaluate
 from training.cf import train_sasrec
 from training.config import PipelineConfig
 from training.data import Dataset, Split, k_core, leave_one_out, load_dataset
+from training.ddp import train_lm_parallel
 from training.distill import load_sasrec, save_sasrec, teacher_topk
 from training.embed import embed_texts, item_texts
 from training.evaluate import evaluate_generative, evaluate_popularity, evaluate_recent
-from training.lm import LMResult, train_lm, window_bounds
+from training.lm import LMResult, window_bounds
 from training.repeat import choose_mode, default_prior
 from training.tokenizer import TokenizerResult, train_tokenizer
 from training.tokenizer_report import (
@@ -229,7 +230,7 @@ def stage_lm(ws: Workspace) -> dict[str, Any]:
             lcfg.distill_temperature,
             progress=ws.progress,
         )
-    res = train_lm(
+    res = train_lm_parallel(  # one process (lm.nproc = 1): train_lm itself
         split.train,
         split.valid,
         bundle.catalogue.codes,
