@@ -71,8 +71,9 @@ class DataParallel:
         """`model` in DistributedDataParallel (its parameters start from rank 0's); each rank
         then draws its own dropout masks."""
         ids = [self.device.index] if self.device.type == "cuda" else None
-        # Llama's only buffers are the rotary frequencies, equal everywhere: no broadcast.
-        net = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        # Llama's only buffers are the rotary frequencies, equal everywhere: synced once at
+        # start, not before every forward.
+        net = DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
         torch.manual_seed(seed + 1 + self.rank)
         return net
 
@@ -151,9 +152,12 @@ def train_lm_parallel(
         results = elastic_launch(launch, _rank_main)(*args, logging.getLogger().level)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
+        message = failure.message  # the rank's error file: a dict with the exception's message
+        if isinstance(message, dict):
+            message = message.get("message", message)
         raise RuntimeError(
             f"recommender training failed on rank {rank} of {cfg.nproc}"
-            f" (exit code {failure.exitcode}): {failure.message}"
+            f" (exit code {failure.exitcode}): {message}"
         ) from None
     out = results[0]
     # Any: transformers' stubs type `.to` on the class wrapper, not the instance.

@@ -27,6 +27,7 @@ from service.engines.base import DecodeRequest
 from service.engines.torch_engine import TorchEngine
 from tests.llmbundle import write_dataset
 from tests.lmfactory import random_catalogue
+from training.config import PipelineConfig
 from training.data import leave_one_out, load_dataset
 from training.ddp import DataParallel, train_lm_parallel
 from training.distill import Teacher
@@ -164,9 +165,11 @@ def test_two_processes_resume_and_train_as_one(data, tmp_path: Path) -> None:
         torch.testing.assert_close(v, sd2[k], rtol=0, atol=0)
 
 
-def test_nproc_below_one_is_refused() -> None:
+def test_bad_nproc_is_refused() -> None:
     with pytest.raises(ValueError, match=r"lm.nproc must be >= 1"):
         LMTrainConfig(nproc=0)
+    with pytest.raises(ValueError, match=r"llm recommender \(LoRA\) trains in one process"):
+        PipelineConfig(recommender="llm").with_nproc(2)
     res = CliRunner().invoke(app, ["train-lm", "--nproc", "0"])
     assert res.exit_code == 2
     assert "--nproc" in res.output
