@@ -136,6 +136,7 @@ def test_shares_weigh_differently_so_the_test_can_tell_wrong_averaging(data) -> 
     assert (naive - right).norm() > 100 * RTOL * right.norm()
 
 
+@pytest.mark.slow
 def test_two_processes_resume_and_train_as_one(data, tmp_path: Path) -> None:
     train, valid, codes, cfg, teacher = data
     one = train_lm(train, valid, codes, VOCAB, cfg, progress=False, teacher=teacher)
@@ -175,6 +176,7 @@ def test_bad_nproc_is_refused() -> None:
     assert "--nproc" in res.output
 
 
+@pytest.mark.slow
 def test_train_lm_with_two_processes_writes_a_bundle_that_serves(tmp_path: Path) -> None:
     data = write_dataset(tmp_path / "data", n_users=40)
     ds = load_dataset(str(data))
