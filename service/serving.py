@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -330,7 +331,9 @@ class ServingTokenize:
                 continue
             else:
                 plan.statuses[i] = "replaced"
-            plan.entries.append(Entry(item.item_id, new, item.title, hashes[i]))
+            # Later than the version it replaces even if this replica's clock is behind.
+            stamp = max(time.time_ns(), live.stamp_of(item.item_id) + 1)
+            plan.entries.append(Entry(item.item_id, new, item.title, hashes[i], stamp))
         if conflicts:
             raise Conflict(conflicts)
         # Retire re-tokenized rows before new items may take their freed identifiers.

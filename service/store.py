@@ -36,6 +36,13 @@ class StoreUnavailable(Exception):
     """The shared store cannot be reached; nothing was stored."""
 
 
+class CommitUnknown(StoreUnavailable):
+    """The store took the write but its answer was lost (a timeout, a dropped connection) and
+    could not be read back: the entries may or may not be stored. Nothing was acknowledged or
+    applied locally; if they were stored, the next sync applies them everywhere, and a client
+    that repeats the request is answered `existing`."""
+
+
 class StaleVersion(Exception):
     """Another replica wrote first; sync and try again."""
 
@@ -52,6 +59,11 @@ class Entry:
     codes: tuple[int, ...]
     title: str
     text_hash: str
+    stamp: int = 0
+    """When this version of the item was written (ns since the epoch), and always above the
+    stamp of the version it replaces: after Redis lost its data, replicas re-seed it from
+    memory, and the stamp says which of two versions of an item is the later one, so an
+    acknowledged replacement is never rolled back by a replica that missed it."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False)
@@ -64,6 +76,7 @@ class Entry:
             tuple(int(c) for c in d["codes"]),
             str(d["title"]),
             str(d["text_hash"]),
+            int(d.get("stamp", 0)),
         )
 
 
@@ -133,6 +146,13 @@ class LiveCatalogue:
         """Whether an active item other than `free_rows` holds `codes`."""
         row = self.trie.lookup(codes)
         return row is not None and row not in free_rows
+
+    def stamp_of(self, item_id: str) -> int:
+        """The stamp of the item's current version (0 for bundle items and unknown ids)."""
+        row = self._active.get(item_id)
+        if row is None or row < self.n_bundle:
+            return 0
+        return self._extra[row - self.n_bundle].stamp
 
     def tokenized_entries(self) -> list[Entry]:
         """The active tokenized items, oldest first (what a replica re-seeds Redis with)."""

@@ -6,6 +6,8 @@ Keys, under `P = <namespace>:<bundle fingerprint>` (replicas of different bundle
 - `P:snapshot` hash {epoch, version, trie, rows}: the serialized trie and the tokenized rows
                after `version` entries, so a new replica starts without replaying or rebuilding.
 - `P:events`   pub/sub channel; a commit publishes the new version to wake the other replicas.
+- `P:commit:<token>` the outcome of one commit (its log length, or -3: fenced, never applied),
+               kept 10 minutes, so that a commit whose answer was lost is settled exactly.
 
 Writes are Lua scripts, atomic on the server: a commit appends only if the log still has the
 epoch and length this replica synced to (optimistic concurrency; otherwise sync and retry), so
@@ -14,9 +16,13 @@ every replica applies the same entries in the same order. Replicas poll the vers
 
 Failure handling: a Redis error makes /tokenize answer 503 (an item is applied locally only
 after Redis stored it, so nothing unstored is acknowledged) while /recommend keeps serving the
-in-process trie. If Redis comes back empty (restart without persistence), the first replica to
-notice re-seeds a new epoch with every tokenized item it holds; the others adopt that log and
-re-commit anything only they held, so all replicas converge with no manual step.
+in-process trie. A commit whose answer is lost (timeout, dropped connection) is settled: its
+outcome is read back, or its token fenced so that it cannot apply later; only when Redis cannot
+be asked at all is the outcome reported unknown (503, nothing acknowledged; the next sync applies
+it if it was stored). If Redis comes back empty (restart without persistence), the first replica
+to notice re-seeds a new epoch with every tokenized item it holds; the others adopt that log and
+re-commit what only they held or held in a later version (`Entry.stamp`), so all replicas
+converge on every acknowledged write with no manual step.
 """
 
 from __future__ import annotations
@@ -34,24 +40,47 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from models.bundle import Catalogue
 from models.trie import ItemTrie
 from service.metrics import Metrics
-from service.store import CatalogueStore, Entry, LiveCatalogue, StaleVersion, StoreUnavailable
+from service.store import (
+    CatalogueStore,
+    CommitUnknown,
+    Entry,
+    LiveCatalogue,
+    StaleVersion,
+    StoreUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
 REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
 
 _COMMIT = """
+local done = redis.call('GET', KEYS[3])
+if done then return tonumber(done) end
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 if redis.call('LLEN', KEYS[2]) ~= tonumber(ARGV[2]) then return -2 end
 for i = 4, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 local n = redis.call('LLEN', KEYS[2])
+redis.call('SET', KEYS[3], n, 'EX', 600)
 redis.call('PUBLISH', ARGV[3], n)
 return n
+"""
+
+# A commit carries a random token. The commit records its outcome under P:commit:<token>, and
+# a commit whose token already has an outcome returns it instead of running again (redis-py's
+# retry after a lost reply). _SETTLE, run after an unanswered commit, reads that outcome, or
+# fences the token (-3) so that a commit still on its way to Redis can never apply later: the
+# answer to the client is then exact, stored or not stored, never a guess.
+_SETTLE = """
+local done = redis.call('GET', KEYS[1])
+if done then return tonumber(done) end
+redis.call('SET', KEYS[1], -3, 'EX', 600)
+return -3
 """
 
 _SEED = """
@@ -98,6 +127,7 @@ class RedisStore(CatalogueStore):
         prefix: str,
         metrics: Metrics,
         sync_interval_s: float,
+        timeout_s: float = 1.0,
     ) -> None:
         super().__init__(live)
         self.redis = redis
@@ -105,7 +135,10 @@ class RedisStore(CatalogueStore):
         self.sync_interval_s = sync_interval_s
         self.k_epoch, self.k_log = f"{prefix}:epoch", f"{prefix}:log"
         self.k_snapshot, self.channel = f"{prefix}:snapshot", f"{prefix}:events"
+        self.timeout_s = timeout_s
+        self.k_commit = f"{prefix}:commit"
         self._commit_script = redis.register_script(_COMMIT)
+        self._settle_script = redis.register_script(_SETTLE)
         self._seed_script = redis.register_script(_SEED)
         self._epoch: str | None = None
         self._ok = False
@@ -143,7 +176,7 @@ class RedisStore(CatalogueStore):
             log.warning("Redis unreachable at start-up (%s); starting from the bundle", e)
         if live is None:
             live = await asyncio.to_thread(LiveCatalogue.from_bundle, catalogue, codebook_size)
-        store = cls(live, redis, prefix, metrics, sync_interval_s)
+        store = cls(live, redis, prefix, metrics, sync_interval_s, timeout_s)
         store._epoch, store.version = epoch, version
         return store
 
@@ -200,9 +233,11 @@ class RedisStore(CatalogueStore):
     async def _apply_range(self, start: int, stop: int) -> None:
         raw = await self.redis.lrange(self.k_log, start, stop - 1)
         entries = [Entry.from_json(r) for r in raw]
-        for e in entries:  # someone else stored it: the log's version wins
-            self._recommit.pop(e.item_id, None)
-        await self.apply_local(entries)
+        for e in entries:  # someone stored it, or a later version of it: the log's wins
+            pending = self._recommit.get(e.item_id)
+            if pending is not None and e.stamp >= pending.stamp:
+                del self._recommit[e.item_id]
+        await self.apply_local([e for e in entries if e.item_id not in self._recommit])
         self.version = start + len(raw)
 
     async def _seed(self) -> None:
@@ -221,14 +256,21 @@ class RedisStore(CatalogueStore):
             self._snapshot_dirty = True
 
     async def _adopt(self, epoch: str) -> None:
-        """Take over another epoch's log; items only this replica holds are re-committed."""
+        """Take over another epoch's log. Items only this replica holds, or holds in a later
+        version than the log's (a replacement the re-seeding replica had not seen), are
+        re-committed, and the log's older versions of them are not applied meanwhile."""
         raw = await self.redis.lrange(self.k_log, 0, -1)
         entries = [Entry.from_json(r) for r in raw]
-        known = {e.item_id for e in entries}
-        self._recommit = {
-            e.item_id: e for e in self.live.tokenized_entries() if e.item_id not in known
-        }
-        await self.apply_local(entries)
+        latest = {e.item_id: e for e in entries}
+        self._recommit = {}
+        for mine in self.live.tokenized_entries():
+            theirs = latest.get(mine.item_id)
+            if theirs is None or (
+                mine.stamp > theirs.stamp
+                and (mine.codes, mine.text_hash) != (theirs.codes, theirs.text_hash)
+            ):
+                self._recommit[mine.item_id] = mine
+        await self.apply_local([e for e in entries if e.item_id not in self._recommit])
         self._epoch, self.version = epoch, len(entries)
         log.info("adopted Redis log %s (%d entries)", epoch[:8], len(entries))
         await self._recommit_missing()
@@ -245,23 +287,46 @@ class RedisStore(CatalogueStore):
     async def commit(self, entries: Sequence[Entry]) -> list[str]:
         if self._epoch is None:
             raise StoreUnavailable("catalogue store (Redis) not synced yet")
+        token = uuid.uuid4().hex
         try:
             n = int(
                 await self._commit_script(
-                    keys=[self.k_epoch, self.k_log],
+                    keys=[self.k_epoch, self.k_log, f"{self.k_commit}:{token}"],
                     args=[self._epoch, self.version, self.channel, *[e.to_json() for e in entries]],
                 )
             )
         except REDIS_ERRORS as e:
             self.metrics.redis_errors.labels("commit").inc()
             self._set_ok(False, e)
-            raise StoreUnavailable(f"catalogue store (Redis) unreachable: {e}") from e
+            n = await self._settle(token, e)
+        if n == -3:
+            raise StoreUnavailable(
+                "catalogue store (Redis) did not answer in time; nothing was stored"
+            )
         if n < 0:
             raise StaleVersion("the Redis log moved on; sync and retry")
         statuses = await self.apply_local(entries)
         self.version = n
         self._snapshot_dirty = True
         return statuses
+
+    async def _settle(self, token: str, err: BaseException) -> int:
+        """The outcome of an unanswered commit: its log length when it was stored, -3 when it
+        was not (and now never will be). Retried while Redis times out, up to 3 socket
+        timeouts; CommitUnknown when Redis cannot be asked."""
+        deadline = time.monotonic() + 3 * self.timeout_s
+        while True:
+            try:
+                return int(await self._settle_script(keys=[f"{self.k_commit}:{token}"]))
+            except REDIS_ERRORS as e:
+                err = e
+                timed_out = isinstance(e, asyncio.TimeoutError | RedisTimeoutError)
+                if not timed_out or time.monotonic() >= deadline:
+                    break
+        raise CommitUnknown(
+            f"catalogue store (Redis) did not confirm the write ({err}): it may or may not be "
+            "stored; repeat the same request (it answers 'existing' for what was stored)"
+        ) from err
 
     async def _sync_round(self) -> None:
         async with self.writer:

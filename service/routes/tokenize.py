@@ -19,7 +19,11 @@ router = APIRouter(tags=["catalogue"], route_class=JSONBodyRoute)
         401: unauthorized("Missing or wrong API key; nothing was changed"),
         409: conflict("An item_id exists with a different text and replace is false"),
         **BODY_TOO_LARGE,
-        503: unavailable("Catalogue store unreachable; nothing was stored"),
+        503: unavailable(
+            "Catalogue store unreachable or busy: nothing was acknowledged. The detail says "
+            "whether nothing was stored or the outcome is unknown; repeating the same request "
+            "is safe either way (what was stored answers `existing`)"
+        ),
         507: error("No free identifier is left for a new item; nothing was stored"),
     },
 )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
+from benchmarks.faults import DelayProxy
 from models.bundle import Catalogue
 from service.metrics import Metrics
-from service.store import Entry, StaleVersion, StoreUnavailable, text_hash
+from service.store import CommitUnknown, Entry, StaleVersion, StoreUnavailable, text_hash
 from service.store_redis import RedisStore, bundle_fingerprint
 from tests.lmfactory import random_catalogue
 from tests.service.conftest import RedisServer
@@ -198,3 +200,97 @@ async def test_unreachable_redis_at_start_serves_the_bundle() -> None:
         )
     finally:
         await store.close()
+
+
+async def test_a_commit_whose_answer_is_late_is_settled_as_stored(
+    redis_server: RedisServer,
+) -> None:
+    """Redis applies the commit but its answer comes after the socket timeout: the write is
+    reported stored (it is), once, and not as '503 nothing was stored'."""
+    with DelayProxy(redis_server.port) as proxy:
+        cat = catalogue()
+        store = await RedisStore.create(
+            cat,
+            N,
+            url=proxy.url,
+            namespace="late",
+            fingerprint=bundle_fingerprint(cat, "t"),
+            metrics=Metrics(),
+            timeout_s=0.4,
+            sync_interval_s=0.05,
+        )
+        await store.start()
+        try:
+            c0, c1 = free(store, 2)
+            await commit(store, [entry("first", c0)])  # Redis has the script cached now
+            async with store.writer:
+                await store.sync()
+                proxy.reply_delay_s = 0.7  # answers arrive after the 0.4 s timeout ...
+                loop = asyncio.get_running_loop()
+                loop.call_later(0.9, setattr, proxy, "reply_delay_s", 0.0)  # ... for a while
+                assert await store.commit([entry("late", c1)]) == ["created"]
+            assert store.live.row_of("late") is not None and store.version == 2
+            log = redis_server.client().lrange(store.k_log, 0, -1)
+            assert [Entry.from_json(r).item_id for r in log] == ["first", "late"]  # once
+        finally:
+            await store.close()
+
+
+async def test_an_unsettled_commit_says_its_outcome_is_unknown_and_is_never_lost(
+    redis_server: RedisServer,
+) -> None:
+    """Redis stays too slow to settle the commit: 'may or may not be stored' (not 'nothing
+    was stored'); once Redis answers again, the stored item is applied by the sync."""
+    with DelayProxy(redis_server.port) as proxy:
+        cat = catalogue()
+        store = await RedisStore.create(
+            cat,
+            N,
+            url=proxy.url,
+            namespace="unsettled",
+            fingerprint=bundle_fingerprint(cat, "t"),
+            metrics=Metrics(),
+            timeout_s=0.2,
+            sync_interval_s=0.05,
+        )
+        await store.start()
+        try:
+            c0, c1 = free(store, 2)
+            await commit(store, [entry("first", c0)])
+            async with store.writer:
+                await store.sync()
+                proxy.reply_delay_s = 5.0
+                with pytest.raises(CommitUnknown, match="may or may not be stored"):
+                    await store.commit([entry("maybe", c1)])
+                assert store.live.row_of("maybe") is None  # not acknowledged, not applied
+                proxy.reply_delay_s = 0.0
+            await eventually(lambda: store.live.row_of("maybe") is not None, 8.0)
+        finally:
+            await store.close()
+
+
+async def test_a_replacement_survives_a_reset_reseeded_by_a_replica_that_missed_it(
+    redis_server: RedisServer,
+) -> None:
+    """a replaces an item; Redis loses its data before b syncs; b re-seeds Redis from memory
+    with the old version. The acknowledged replacement must win everywhere."""
+    a, b = await make(redis_server, "replace"), await make(redis_server, "replace")
+    try:
+        c1, c2 = free(a, 2)
+        await commit(a, [entry("x", c1, "old")])
+        await eventually(lambda: b.live.row_of("x") is not None)
+        client = redis_server.client()
+        async with b.writer:  # b's sync rounds wait: it misses the replacement
+            new = Entry("x", c2, "X", text_hash("new"), stamp=time.time_ns())
+            assert await commit(a, [new]) == ["replaced"]
+            client.delete(a.k_epoch, a.k_log, a.k_snapshot)
+            await b.sync()  # b notices first and re-seeds with what it holds: the old x
+        for store in (a, b):
+            await eventually(lambda s=store: s.live.item(s.live.row_of("x")).codes == c2, 5.0)
+        await eventually(
+            lambda: Entry.from_json(client.lrange(a.k_log, -1, -1)[0]).codes == c2, 5.0
+        )
+        assert a.live.is_taken(c1) is False and b.live.is_taken(c1) is False
+    finally:
+        await a.close()
+        await b.close()
