@@ -4,8 +4,11 @@ LETTER's released identifiers are not unique (Yelp: 20,033 items on 19,201 tuple
 TIGER appends a disambiguation token. Here an item that shares its tuple keeps it only if it is
 the member closest to the shared code; every other member moves to the nearest FREE tuple that
 keeps as long a prefix as possible: first the other codes of the last level (by distance of its
-residual), then, only if that level is full under its prefix, alternatives one level up.
-Items that do not collide are never touched.
+residual), then, only if that level is full under its prefix, alternatives one level up. The
+search first looks only under the `branch` nearest codes of each upper level (cheap, and where
+a near identifier is); when those are full it looks under every code, so an item is refused
+(CodeSpaceExhausted) only when no identifier at all is free. Items that do not collide are never
+touched.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ import numpy as np
 # distance_fn(rows [m], prefixes [m, level]) -> squared distances [m, N] at that level
 DistanceFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 TakenFn = Callable[[tuple[int, ...]], bool]
+
+
+class CodeSpaceExhausted(ValueError):
+    """No free identifier is left for an item (the service answers 507)."""
 
 
 @dataclass
@@ -33,9 +40,10 @@ def _first_free(
     levels: int,
     distance_fn: DistanceFn,
     is_free: Callable[[tuple[int, ...]], bool],
-    branch: int,
+    branch: int | None,
 ) -> tuple[int, ...] | None:
-    """Nearest free completion of `prefix` for `row`, depth first over the `branch` nearest codes."""
+    """Nearest free completion of `prefix` for `row`, depth first over the `branch` nearest codes
+    of each upper level (every code when `branch` is None)."""
     level = len(prefix)
     dists = distance_fn(np.array([row]), np.array([prefix], dtype=np.int64).reshape(1, level))[0]
     order = np.argsort(dists, kind="stable")
@@ -87,16 +95,20 @@ def resolve_collisions(
     def is_free(t: tuple[int, ...]) -> bool:
         return t not in used and not taken(t)
 
-    for row in sorted(movers):
-        new = None
+    def nearest_free(row: int, width: int | None) -> tuple[int, ...] | None:
         for keep_levels in range(levels - 1, -1, -1):
-            new = _first_free(
-                row, tuple(codes[row, :keep_levels].tolist()), levels, distance_fn, is_free, branch
-            )
+            prefix = tuple(codes[row, :keep_levels].tolist())
+            new = _first_free(row, prefix, levels, distance_fn, is_free, width)
             if new is not None:
-                break
+                return new
+        return None
+
+    for row in sorted(movers):
+        new = nearest_free(row, branch)
+        if new is None:  # the near subtrees are full: search all of the code space
+            new = nearest_free(row, None)
         if new is None:
-            raise ValueError(
+            raise CodeSpaceExhausted(
                 f"no free identifier left for row {row}: the code space "
                 f"({levels} levels) is exhausted; increase codebook_size or levels"
             )
@@ -124,7 +136,7 @@ def append_extra_token(
         while c < codebook_size and taken((*row, c)):
             c += 1
         if c >= codebook_size:
-            raise ValueError(
+            raise CodeSpaceExhausted(
                 f"row {i}: more than {codebook_size} items share the codes {row}; "
                 "the extra token cannot tell them apart"
             )

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from models.collisions import CodeSpaceExhausted
 from models.repeat import RepeatPrior
 from models.vocab import CodeVocab
 from service.batcher import MicroBatcher
@@ -304,10 +305,8 @@ class ServingTokenize:
             codes = self.tokenizer.encode(
                 [fields[i] for i in todo], is_taken=lambda c: live.is_taken(tuple(c), free)
             )
-        except ValueError as e:
-            if "exhausted" in str(e):
-                raise CatalogueFull(str(e)) from e
-            raise
+        except CodeSpaceExhausted as e:
+            raise CatalogueFull(str(e)) from e
         conflicts: list[dict[str, Any]] = []
         for j, i in enumerate(todo):
             item, row = req.items[i], rows[i]

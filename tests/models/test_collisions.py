@@ -86,3 +86,23 @@ def test_extra_token_numbers_items_sharing_codes():
     assert out.tolist() == [[1, 2, 0], [1, 2, 2], [0, 0, 0], [1, 2, 3]]
     with pytest.raises(ValueError, match="more than 2 items share"):
         append_extra_token(np.zeros((3, 1), dtype=np.int64), 2)
+
+
+def test_a_free_identifier_beyond_the_nearest_branches_is_found():
+    """The 8 nearest first-level codes are full, half of the code space is still free: an item
+    gets an identifier (the nearest free one), not a 'catalogue full' error."""
+
+    def fn(rows, prefixes):
+        return np.tile(np.arange(16, dtype=np.float64), (len(rows), 1))  # code c at distance c
+
+    out = resolve_collisions(np.array([[0, 0]]), fn, is_taken=lambda t: t[0] < 8, branch=8)
+    assert out.codes.tolist() == [[8, 0]]
+
+
+def test_full_code_space_errors_are_typed():
+    from models.collisions import CodeSpaceExhausted, append_extra_token
+
+    with pytest.raises(CodeSpaceExhausted):
+        resolve_collisions(np.zeros((5, 1), dtype=np.int64), lambda r, p: np.zeros((len(r), 4)))
+    with pytest.raises(CodeSpaceExhausted):
+        append_extra_token(np.zeros((3, 1), dtype=np.int64), 2)

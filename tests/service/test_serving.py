@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from models.bundle import Catalogue
+from models.collisions import CodeSpaceExhausted, append_extra_token
 from models.vocab import CodeVocab
 from service.metrics import Metrics
 from service.schemas import RecommendRequest, TokenizeRequest
@@ -42,7 +43,7 @@ class StubTokenizer:
         self, items: Sequence[Mapping[str, Any]], is_taken: Callable[[tuple[int, ...]], bool]
     ) -> np.ndarray:
         if self.fail:
-            raise ValueError(self.fail)
+            raise CodeSpaceExhausted(self.fail)
         out: list[tuple[int, int]] = []
         for it in items:
             want = self.table[str(it["title"])]
@@ -122,3 +123,27 @@ async def test_an_exhausted_code_space_is_reported_as_full() -> None:
         await ServingTokenize(store(), tok, Metrics()).tokenize(
             tokenize_req({"item_id": "x", "title": "x"})
         )
+
+
+class ExtraTokenTokenizer(StubTokenizer):
+    """TIGER's scheme as models.item_tokenizer runs it: the semantic code, then the real
+    append_extra_token numbering the items that share it."""
+
+    def encode(
+        self, items: Sequence[Mapping[str, Any]], is_taken: Callable[[tuple[int, ...]], bool]
+    ) -> np.ndarray:
+        semantic = np.array([[self.table[str(it["title"])][0]] for it in items])
+        return append_extra_token(semantic, 4, is_taken)
+
+
+async def test_a_full_extra_token_prefix_is_reported_as_full_whatever_the_message() -> None:
+    """The extra-token scheme's own error ('more than 4 items share ...') is a full catalogue
+    too (507), not an internal error."""
+    codes = np.array([[0, 0], [0, 1], [0, 2], [0, 3]])
+    cat = Catalogue(["a", "b", "c", "d"], codes, ["A", "B", "C", "D"])
+    s = CatalogueStore(LiveCatalogue.from_bundle(cat, 4))
+    serving = ServingTokenize(s, ExtraTokenTokenizer({"x": (0, 0), "y": (1, 0)}), Metrics())
+    with pytest.raises(CatalogueFull, match="share the codes"):
+        await serving.tokenize(tokenize_req({"item_id": "x", "title": "x"}))
+    r = await serving.tokenize(tokenize_req({"item_id": "y", "title": "y"}))
+    assert r.items[0].codes == [1, 0]
