@@ -222,29 +222,30 @@ class GemmFloor:
     is the largest speed-up such an engine could reach."""
 
     def __init__(self, decoder: Any, batch: int, prompt_len: int, width: int, steps: int) -> None:
-        self.layers, self.head_t = decoder.layers, decoder.head_t
+        self.layers, self.head = decoder.layers, decoder.head
         self.steps = steps
         # With a layer-0 table (FusedDecoder.qkv0), layer 0's q/k/v are a lookup, not a GEMM.
         self.layer0_table = getattr(decoder, "qkv0", None) is not None
-        hidden = self.head_t.shape[0]
+        hidden = self.head.in_features
         gen = torch.Generator().manual_seed(0)
 
         def rand(*shape: int) -> torch.Tensor:
-            return torch.randn(*shape, generator=gen, dtype=self.head_t.dtype)
+            return torch.randn(*shape, generator=gen, dtype=decoder.dtype)
 
         ly = self.layers[0]
         self.sizes = [batch * prompt_len, batch, batch * width]  # prefill, last token, steps
         self.h = [rand(n, hidden) for n in self.sizes]
-        self.o = [rand(n, ly.w_o_t.shape[0]) for n in self.sizes]
-        self.act = [rand(n, ly.w_down_t.shape[0]) for n in self.sizes]
+        self.o = [rand(n, ly.o.in_features) for n in self.sizes]
+        self.act = [rand(n, ly.down.in_features) for n in self.sizes]
 
     def _layer(self, ly: Any, i: int, qkv_rows: int | None = None) -> None:
+        # The decoder's own GEMM kernels (`Dense`: matmul or oneDNN) on its weights.
         h = self.h[i]
         if not (self.layer0_table and ly is self.layers[0]):
-            _ = (self.h[qkv_rows] if qkv_rows is not None else h) @ ly.w_qkv.t()
-        torch.addmm(h, self.o[i], ly.w_o_t)
-        _ = h @ ly.w_gu_t
-        torch.addmm(h, self.act[i], ly.w_down_t)
+            _ = ly.qkv(self.h[qkv_rows] if qkv_rows is not None else h)
+        ly.o.add(h, self.o[i])
+        _ = ly.gu(h)
+        ly.down.add(h, self.act[i])
 
     @torch.inference_mode()
     def run(self) -> None:
@@ -252,11 +253,11 @@ class GemmFloor:
         for ly in first:
             self._layer(ly, 0)
         self._layer(last, 1, qkv_rows=0)  # K/V for every prompt token, the rest for the last
-        _ = self.h[1] @ self.head_t
+        _ = self.head(self.h[1])
         for _step in range(self.steps):
             for ly in self.layers:
                 self._layer(ly, 2)
-            _ = self.h[2] @ self.head_t
+            _ = self.head(self.h[2])
 
 
 def paired_speedup(
