@@ -5,8 +5,9 @@ One worker task owns the engine. When it is idle and a request arrives, it waits
 waits not at all), then decodes the batch in a
 worker thread so the event loop keeps accepting requests. While a batch decodes, new requests
 pile up and form the next batch at once. The pending queue is bounded: a submit that does not fit
-raises `QueueFull` (the route answers 503 + Retry-After). A request past its timeout is dropped
-from the queue (or its result discarded) and raises `asyncio.TimeoutError`.
+raises `QueueFull` (the route answers 503 + Retry-After). A request past its timeout (or whose
+caller went away) stops counting toward that bound at once, is skipped when its turn comes (or
+its result discarded) and raises `asyncio.TimeoutError`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class _Pending(Generic[In, Out]):
     item: In
     future: asyncio.Future[Out]
     enqueued_at: float = field(default_factory=time.perf_counter)
+    counted: bool = True
+    """Still counted in `MicroBatcher.depth` (queued and wanted)."""
 
 
 class MicroBatcher(Generic[In, Out]):
@@ -68,6 +71,7 @@ class MicroBatcher(Generic[In, Out]):
         self._metrics = metrics
         self._engine_name = engine_name
         self._pending: collections.deque[_Pending[In, Out]] = collections.deque()
+        self._waiting = 0  # entries of _pending still counted (not taken, not abandoned)
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         self._worker: asyncio.Task[None] | None = None
@@ -76,7 +80,13 @@ class MicroBatcher(Generic[In, Out]):
 
     @property
     def depth(self) -> int:
-        return len(self._pending)
+        """Requests waiting for decoding; abandoned ones do not count."""
+        return self._waiting
+
+    def _uncount(self, p: _Pending[In, Out]) -> None:
+        if p.counted:
+            p.counted = False
+            self._waiting -= 1
 
     def start(self) -> None:
         if self._worker is None:
@@ -89,11 +99,14 @@ class MicroBatcher(Generic[In, Out]):
         """Queue all of `items` (all or none) and wait for their results, in order."""
         if self._closing:
             raise ShuttingDown("the service is shutting down")
-        if len(self._pending) + len(items) > self.queue_size:
+        if self._waiting + len(items) > self.queue_size:
             raise QueueFull(self.retry_after_s(len(items)))
+        if len(self._pending) > 2 * self.queue_size:  # mostly abandoned entries: drop them
+            self._pending = collections.deque(p for p in self._pending if p.counted)
         loop = asyncio.get_running_loop()
         entries = [_Pending[In, Out](it, loop.create_future()) for it in items]
         self._pending.extend(entries)
+        self._waiting += len(entries)
         self._set_depth()
         self._arrived.set()
         futures = [e.future for e in entries]
@@ -101,13 +114,15 @@ class MicroBatcher(Generic[In, Out]):
             async with asyncio.timeout(timeout_s):
                 return list(await asyncio.gather(*futures))
         except BaseException:
-            for f in futures:
-                f.cancel()  # the worker skips cancelled entries; a running batch's result is dropped
+            for e in entries:
+                e.future.cancel()  # the worker skips it; a running batch's result is dropped
+                self._uncount(e)
+            self._set_depth()
             raise
 
     def retry_after_s(self, extra: int = 0) -> int:
         """Seconds until the queue has likely drained enough for `extra` more requests."""
-        batches = (len(self._pending) + extra) / max(1, self.max_batch)
+        batches = (self._waiting + extra) / max(1, self.max_batch)
         return max(1, math.ceil(batches * self._last_batch_s))
 
     async def close(self, timeout_s: float) -> None:
@@ -124,6 +139,7 @@ class MicroBatcher(Generic[In, Out]):
                     if not p.future.done():
                         p.future.set_exception(ShuttingDown("the service is shutting down"))
                 self._pending.clear()
+                self._waiting = 0
         self._executor.shutdown(wait=True, cancel_futures=False)
 
     async def _loop(self) -> None:
@@ -142,7 +158,7 @@ class MicroBatcher(Generic[In, Out]):
     async def _gather(self) -> None:
         """Wait until the batch is full or its oldest request has waited `max_wait_s`."""
         deadline = self._pending[0].enqueued_at + self.max_wait_s
-        while len(self._pending) < self.max_batch and not self._closing:
+        while self._waiting < self.max_batch and not self._closing:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 return
@@ -157,6 +173,7 @@ class MicroBatcher(Generic[In, Out]):
         now = time.perf_counter()
         while self._pending and len(batch) < self.max_batch:
             p = self._pending.popleft()
+            self._uncount(p)
             if p.future.done():  # cancelled: its caller timed out or went away
                 continue
             batch.append(p)
@@ -196,4 +213,4 @@ class MicroBatcher(Generic[In, Out]):
 
     def _set_depth(self) -> None:
         if self._metrics is not None:
-            self._metrics.queue_depth.set(len(self._pending))
+            self._metrics.queue_depth.set(self._waiting)

@@ -85,7 +85,7 @@ async def test_timed_out_requests_are_dropped_from_the_queue() -> None:
     await asyncio.sleep(0.05)
     with pytest.raises(TimeoutError):
         await b.submit(2, 0.05)
-    assert b.depth == 1  # still queued but cancelled
+    assert b.depth == 0  # abandoned: it no longer counts, though the deque still holds it
     gate.set()
     assert await blocked == 2
     assert await b.submit(3, 5) == 6
@@ -141,3 +141,29 @@ async def test_metrics_record_batches_and_depth() -> None:
     assert reg.get_sample_value("letterrec_queue_wait_seconds_count") == 3
     assert reg.get_sample_value("letterrec_queue_depth") == 0
     await b.close(5)
+
+
+async def test_abandoned_requests_stop_counting_toward_the_queue_bound_at_once() -> None:
+    """While the engine is busy, requests that timed out leave room for new ones immediately,
+    not only when the worker reaches them."""
+    gate = threading.Event()
+    rec = Recorder(gate=gate)
+    b = make(rec, max_batch=1, max_wait_s=0.0, queue_size=2)
+    b.start()
+    try:
+        busy = asyncio.create_task(b.submit(1, 10))  # taken at once; blocks in the engine
+        while b.depth != 0:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.01)
+        for x in (2, 3):
+            with pytest.raises(TimeoutError):
+                await b.submit(x, 0.01)
+        assert b.depth == 0
+        fresh = asyncio.gather(b.submit(4, 10), b.submit(5, 10))  # fits: nothing waits
+        await asyncio.sleep(0.01)
+        gate.set()
+        assert await busy == 2 and await fresh == [8, 10]
+        assert [x for batch in rec.batches for x in batch] == [1, 4, 5]  # 2, 3 never decoded
+    finally:
+        gate.set()
+        await b.close(5)
