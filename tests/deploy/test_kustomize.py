@@ -4,7 +4,6 @@ subset, then checked for how the objects fit together."""
 
 from __future__ import annotations
 
-import base64
 import copy
 from typing import Any
 
@@ -48,10 +47,11 @@ def test_objects_are_valid(overlay: tuple[str, Objs]) -> None:
     assert check_manifests.validate(objs) == []
     kinds = {o["kind"] for o in objs}
     assert {
-        "Namespace", "ServiceAccount", "ConfigMap", "Secret", "Service", "Deployment",
+        "Namespace", "ServiceAccount", "ConfigMap", "Service", "Deployment",
         "StatefulSet", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceMonitor",
         "PrometheusRule",
     } <= kinds  # fmt: skip
+    assert "Secret" not in kinds, "API keys never live in the manifests: the operator creates them"
     assert one(objs, "HorizontalPodAutoscaler")["apiVersion"] == "autoscaling/v2"
 
 
@@ -113,17 +113,17 @@ def test_config_and_secret_are_wired_and_known_to_the_service(overlay: tuple[str
 
     _, objs = overlay
     refs = server(objs)["envFrom"]
-    cm, secret = one(objs, "ConfigMap"), one(objs, "Secret")
-    # The generated names carry a content hash; kustomize rewrote the references to match.
+    cm = one(objs, "ConfigMap")
+    # The generated name carries a content hash; kustomize rewrote the reference to match.
     assert {"configMapRef": {"name": cm["metadata"]["name"]}} in refs
-    assert {"secretRef": {"name": secret["metadata"]["name"]}} in refs
+    # The Secret the operator creates (docs/deployment.md#secrets), by its plain name, and not
+    # optional: without keys the pod waits rather than starting with its write routes closed.
+    assert {"secretRef": {"name": "letterrec-api-keys"}} in refs
     fields = {f"LETTERREC_{n.upper()}" for n in Settings.model_fields}
-    keys = set(cm["data"]) | set(secret["data"])
+    keys = set(cm["data"])
     assert keys <= fields, f"not settings of service/settings.py: {sorted(keys - fields)}"
-    api_keys = base64.b64decode(secret["data"]["LETTERREC_API_KEYS"]).decode()
-    assert "placeholder" in api_keys and api_keys.startswith("dev-"), (
-        "the committed API key must stay an obvious development placeholder"
-    )
+    assert "LETTERREC_API_KEYS" not in keys, "API keys belong in the Secret, not the ConfigMap"
+    assert "LETTERREC_API_KEYS" in fields
 
 
 def test_service_pdb_hpa_and_servicemonitor_select_the_server(overlay: tuple[str, Objs]) -> None:
@@ -203,3 +203,58 @@ def test_all_namespaced_objects_land_in_the_namespace(overlay: tuple[str, Objs])
 def test_base_renders_on_its_own() -> None:
     objs = check_manifests.render(DEPLOY / "base")
     assert check_manifests.validate(objs) == []
+
+
+def workload_pods(objs: Objs) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (check_manifests.describe(o), o["spec"]["template"]["spec"])
+        for o in objs
+        if o["kind"] in {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
+    ]
+
+
+def test_every_container_is_hardened_and_bounded(overlay: tuple[str, Objs]) -> None:
+    """Every container of every workload, init containers included: non-root (the pod or the
+    container says runAsNonRoot with a non-zero uid), a read-only root filesystem, no privilege
+    escalation, no capabilities, and CPU and memory requests and limits."""
+    _, objs = overlay
+    pods = workload_pods(objs)
+    assert {name for name, _ in pods} >= {"Deployment/letterrec", "StatefulSet/letterrec-redis"}
+    for name, pod in pods:
+        pod_sc = pod.get("securityContext", {})
+        for c in pod.get("initContainers", []) + pod["containers"]:
+            where = f"{name} container {c['name']}"
+            sc = {**pod_sc, **c.get("securityContext", {})}
+            assert sc.get("runAsNonRoot") is True, f"{where}: runAsNonRoot is not true"
+            assert sc.get("runAsUser", 0) != 0, f"{where}: runs as uid 0"
+            assert sc.get("readOnlyRootFilesystem") is True, f"{where}: root filesystem writable"
+            assert sc.get("allowPrivilegeEscalation") is False, f"{where}: privilege escalation"
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], f"{where}: capabilities"
+            for kind in ("requests", "limits"):
+                got = c.get("resources", {}).get(kind, {})
+                assert {"cpu", "memory"} <= got.keys(), f"{where}: {kind} lack cpu/memory: {got}"
+
+
+def test_server_probes_follow_the_service_semantics(overlay: tuple[str, Objs]) -> None:
+    """Liveness asks only whether the process is alive (/healthz: restarting a replica whose
+    dependency is down would not help), readiness whether it can answer /recommend now
+    (/readyz), and start-up gives the bundle time to load before liveness counts."""
+    _, objs = overlay
+    pods = dict(workload_pods(objs))
+    server_containers = [c for c in pods["Deployment/letterrec"]["containers"]]
+    for c in server_containers:
+        assert c["livenessProbe"]["httpGet"]["path"] == "/healthz", c["name"]
+        assert c["readinessProbe"]["httpGet"]["path"] == "/readyz", c["name"]
+        assert c["startupProbe"]["httpGet"]["path"] == "/healthz", c["name"]
+        http_port = {p["name"]: p["containerPort"] for p in c["ports"]}
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+            assert c[probe]["httpGet"]["port"] in http_port, f"{c['name']}: {probe} port"
+        # Liveness must not be stricter than readiness, or a slow replica is killed before it
+        # is merely taken out of the Service.
+        live, ready = c["livenessProbe"], c["readinessProbe"]
+        assert live["periodSeconds"] * live["failureThreshold"] >= (
+            ready["periodSeconds"] * ready["failureThreshold"]
+        ), c["name"]
+    for name, pod in pods.items():
+        for c in pod["containers"]:
+            assert "livenessProbe" in c and "readinessProbe" in c, f"{name} {c['name']}: probes"
