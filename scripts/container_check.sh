@@ -13,7 +13,8 @@
 #   2. Base image: python:3.11-slim-bookworm when it can be pulled, else the local stand-in
 #      (scripts/container_base.sh).
 #   3. torch for the build: docker/wheelhouse/ is filled with the CPU wheel of torch and its
-#      dependencies (pip download) when it holds no torch wheel, and reused after that.
+#      dependencies (pip download, or a copy kept in LETTERREC_WHEEL_CACHE, default
+#      ~/.cache/letterrec/wheelhouse-VERSION) when it holds no torch wheel.
 #   4. Builds docker/Dockerfile.cpu (classic builder), bakes a small bundle made by the project's
 #      own code (tests/bundlefactory.py) with docker/Dockerfile.baked, runs it with a read-only
 #      root filesystem and a tmpfs /tmp, and probes it (scripts/container_probe.py single):
@@ -29,7 +30,8 @@
 #
 # Exit status: 0 when every check passed (or the stage was skipped as above), non-zero otherwise.
 # Environment: CONTAINER_CHECK_REQUIRED=1, KEEP_WORK=1 (keep the work folder with the logs),
-# PYTHON_IMAGE (a base image to use instead of pulling or making one), TORCH_VERSION.
+# PYTHON_IMAGE (a base image to use instead of pulling or making one), TORCH_VERSION,
+# LETTERREC_WHEEL_CACHE.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -192,9 +194,16 @@ timed "base image" pick_base
 
 # -------------------------------------------------------------------------------------------------
 step "wheelhouse (torch $TORCH_VERSION, CPU build)"
+# Kept outside the working tree too, so that a fresh clone (CI) copies it instead of downloading.
+WHEEL_CACHE=${LETTERREC_WHEEL_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/letterrec/wheelhouse-$TORCH_VERSION}
 fill_wheelhouse() {
   if ls docker/wheelhouse/torch-"$TORCH_VERSION"*.whl >/dev/null 2>&1; then
     say "reusing docker/wheelhouse ($(find docker/wheelhouse -name '*.whl' | wc -l) wheels)"
+    return
+  fi
+  if ls "$WHEEL_CACHE"/torch-"$TORCH_VERSION"*.whl >/dev/null 2>&1; then
+    cp "$WHEEL_CACHE"/*.whl docker/wheelhouse/
+    say "docker/wheelhouse: $(find docker/wheelhouse -name '*.whl' | wc -l) wheels copied from $WHEEL_CACHE"
     return
   fi
   # For the image's interpreter and platform, whatever the host runs.
@@ -204,6 +213,8 @@ fill_wheelhouse() {
     --extra-index-url https://download.pytorch.org/whl/cpu >"$WORK/pip-download.log" 2>&1 \
     || { tail -20 "$WORK/pip-download.log" >&2; die "pip download torch==$TORCH_VERSION+cpu failed (log above)"; }
   say "docker/wheelhouse: $(find docker/wheelhouse -name '*.whl' | wc -l) wheels, $(du -sh docker/wheelhouse | cut -f1)"
+  mkdir -p "$WHEEL_CACHE" && cp docker/wheelhouse/*.whl "$WHEEL_CACHE"/ \
+    && say "kept a copy in $WHEEL_CACHE (LETTERREC_WHEEL_CACHE)"
 }
 timed "wheelhouse" fill_wheelhouse
 
