@@ -256,7 +256,7 @@ probe_single() {
   # root, a tmpfs for /tmp, a queue wait long enough that the drain check finds requests queued.
   docker run -d --name "$SINGLE" --read-only --tmpfs /tmp:rw,size=512m \
     --security-opt no-new-privileges:true --stop-timeout 60 \
-    -e LETTERREC_API_KEYS="$KEY" -e LETTERREC_TORCH_THREADS=1 \
+    -e LETTERREC_API_KEYS="$KEY" -e LETTERREC_TORCH_THREADS=1 -e LETTERREC_MAX_WAIT_MS=1000 \
     "$BAKED_IMAGE" >/dev/null
   "$PY" scripts/container_probe.py single --container "$SINGLE" --bundle "$WORK/bundle" \
     --key "$KEY" --work "$WORK" \
