@@ -7,6 +7,7 @@ import asyncio
 import gc
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ from service.deps import ServiceState
 from service.docs import add_offline_docs, complete_openapi
 from service.engines.base import DecodeEngine, DecodeRequest, Recommendation
 from service.engines.subprocess_engine import DecodeWorkerError
+from service.keys import RateLimiter
 from service.metrics import Metrics, MetricsMiddleware
 from service.routes import ROUTERS
 from service.serving import (
@@ -94,11 +96,18 @@ async def _start(settings: Settings, metrics: Metrics) -> ServiceState:
         bundle = await asyncio.to_thread(Bundle.load, settings.bundle)
     except BundleError as e:
         raise RuntimeError(f"cannot serve: {e}") from e
-    if settings.placeholder_keys():
+    keys = settings.key_ring()
+    if keys.placeholders:
         log.warning(
-            "LETTERREC_API_KEYS holds %d public development placeholder key(s) (dev-insecure-...):"
+            "the API keys hold %d public development placeholder key(s) (dev-insecure-...):"
             " they are refused, so write routes need a real key",
-            settings.placeholder_keys(),
+            keys.placeholders,
+        )
+    if not keys.values():
+        log.warning(
+            "no API key configured (LETTERREC_API_KEYS or LETTERREC_API_KEYS_FILE): /tokenize "
+            "refuses every call (401) until one is%s",
+            " (the key file is re-read without a restart)" if settings.api_keys_file else "",
         )
     store = await _make_store(settings, bundle, metrics)
     if settings.torch_threads > 0:
@@ -130,8 +139,16 @@ async def _start(settings: Settings, metrics: Metrics) -> ServiceState:
             settings.request_timeout_s,
             RecommendDefaults.from_manifest(bundle.manifest.recommend),
         ),
-        tokenize=ServingTokenize(store, tokenizer, metrics),
+        tokenize=ServingTokenize(
+            store,
+            tokenizer,
+            metrics,
+            max_waiting=settings.max_waiting_writes,
+            wait_timeout_s=settings.request_timeout_s,
+        ),
         model_version=version,
+        keys=keys,
+        limiter=RateLimiter(settings.write_rate_per_s, settings.write_burst),
         info={"bundle": str(bundle.root), "device": settings.resolved_device()},
     )
     await store.start()
@@ -313,6 +330,23 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def _worker_failed(request: Request, exc: DecodeWorkerError) -> JSONResponse:
         # The decode child died or hung on this batch; it is restarted for the next one.
         return unavailable(f"decoding failed, retry: {exc}")
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        # Logged with its traceback under an id the caller can quote; the body holds neither
+        # the traceback nor the exception's text (paths, internals).
+        incident = uuid.uuid4().hex[:12]
+        log.error(
+            "internal error %s on %s %s",
+            incident,
+            request.method,
+            request.url.path,
+            exc_info=exc,
+        )
+        return JSONResponse(
+            {"detail": f"internal error; it was logged as {incident}"},
+            status.HTTP_500_INTERNAL_SERVER_ERROR,
+        )
 
     @app.exception_handler(InvalidRequest)
     async def _contradiction(request: Request, exc: InvalidRequest) -> JSONResponse:

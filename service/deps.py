@@ -7,15 +7,17 @@ dependencies of a /recommend call to worker threads and back, on the same cores 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.auth import check_api_key
+from service.auth import bearer_token, check_api_key
 from service.batcher import MicroBatcher
 from service.engines.base import DecodeEngine
+from service.keys import KeyRing, RateLimiter
 from service.metrics import Metrics
 from service.serving import ServingRecommend, ServingTokenize
 from service.settings import Settings
@@ -34,6 +36,8 @@ class ServiceState:
     recommend: ServingRecommend
     tokenize: ServingTokenize
     model_version: str
+    keys: KeyRing
+    limiter: RateLimiter
     engine_warm: bool = False
     accepting: bool = True
     info: dict[str, Any] = field(default_factory=dict)
@@ -93,20 +97,54 @@ RecommendDep = Annotated[ServingRecommend, Depends(get_recommend)]
 TokenizeDep = Annotated[ServingTokenize, Depends(get_tokenize)]
 StoreDep = Annotated[CatalogueStore, Depends(get_store)]
 
-_bearer = HTTPBearer(auto_error=False, description="API key from LETTERREC_API_KEYS")
+_bearer = HTTPBearer(
+    auto_error=False, description="API key from LETTERREC_API_KEYS or LETTERREC_API_KEYS_FILE"
+)
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
-
-def _header(creds: HTTPAuthorizationCredentials | None) -> str | None:
-    return None if creds is None else f"{creds.scheme} {creds.credentials}"
+_CHECKED = "letterrec_key_checked"
 
 
-async def require_write_key(settings: SettingsDep, creds: BearerDep) -> None:
-    """Write routes always need a valid API key."""
-    check_api_key(_header(creds), settings.key_values())
+async def check_write(request: Request) -> None:
+    """A write route's key, then its rate limit (429 + Retry-After). Run by the route class
+    before the body is read (service.routes.json_body), so a caller without a valid key learns
+    that first (401), whatever its body; the dependency below then finds it done."""
+    if request.scope.get(_CHECKED):
+        return
+    state = await get_state(request)
+    header = request.headers.get("authorization")
+    check_api_key(header, state.keys.values())
+    wait = state.limiter.take(bearer_token(header) or b"")
+    if wait > 0:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"write rate limit of this API key reached ({state.limiter.rate_per_s:g}/s, bursts of "
+            f"{state.limiter.burst}; LETTERREC_WRITE_RATE_PER_S); retry after the Retry-After "
+            "seconds",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
+    request.scope[_CHECKED] = True
 
 
-async def require_read_key(settings: SettingsDep, creds: BearerDep) -> None:
+async def check_read(request: Request) -> None:
+    """/recommend's key, only when `require_key_for_recommend` is set (no rate limit)."""
+    if request.scope.get(_CHECKED):
+        return
+    state = await get_state(request)
+    if state.settings.require_key_for_recommend:
+        check_api_key(request.headers.get("authorization"), state.keys.values())
+    request.scope[_CHECKED] = True
+
+
+async def require_write_key(request: Request, creds: BearerDep) -> None:
+    """Write routes always need a valid API key (declared as bearer auth in the schema)."""
+    await check_write(request)
+
+
+async def require_read_key(request: Request, creds: BearerDep) -> None:
     """/recommend needs a key only when `require_key_for_recommend` is set."""
-    if settings.require_key_for_recommend:
-        check_api_key(_header(creds), settings.key_values())
+    await check_read(request)
+
+
+EARLY_CHECKS = {require_write_key: check_write, require_read_key: check_read}
+"""Dependency -> the same check on the raw request, for route classes that run it first."""

@@ -8,11 +8,14 @@ given comes from `LETTERREC_*` environment variables, then the defaults.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import uvicorn
+from starlette.types import Receive, Scope, Send
 
 from models.bundle import Bundle
 from service.app import create_app
@@ -45,10 +48,52 @@ def run(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, **overrid
         raise SystemExit("letterrec: the service failed to start (see the log above)")
 
 
+OVERLOADED_BODY = json.dumps(
+    {
+        "detail": "the server has max_connections (LETTERREC_MAX_CONNECTIONS) open connections "
+        "or requests; retry after the Retry-After seconds"
+    }
+).encode()
+
+
+async def overloaded(scope: Scope, receive: Receive, send: Send) -> None:
+    """What uvicorn answers beyond limit_concurrency: the service's JSON error shape with
+    Retry-After, instead of uvicorn's plain-text 'Service Unavailable'."""
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(OVERLOADED_BODY)).encode()),
+        (b"retry-after", b"1"),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": OVERLOADED_BODY, "more_body": False})
+
+
+def _http_protocol() -> type[asyncio.Protocol] | str:
+    """uvicorn's httptools protocol with its over-the-limit answer replaced by `overloaded`.
+    uvicorn offers no setting for that answer; this hooks the one method that starts a
+    request's app (`_start_asgi_task`, present since uvicorn 0.30), and falls back to uvicorn's
+    own protocol (plain-text 503) where httptools or that method is missing. A test pins it."""
+    try:
+        from uvicorn.protocols.http.flow_control import service_unavailable
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return "auto"
+    if not hasattr(HttpToolsProtocol, "_start_asgi_task"):
+        return "auto"
+
+    class JSONOverloadProtocol(HttpToolsProtocol):
+        def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+            chosen: Any = overloaded if app is service_unavailable else app
+            super()._start_asgi_task(cycle, chosen)
+
+    return JSONOverloadProtocol
+
+
 def uvicorn_config(settings: Settings, host: str, port: int) -> uvicorn.Config:
     """The server's configuration. `limit_concurrency` bounds open connections plus in-flight
-    requests: beyond `max_connections` uvicorn answers 503 at once instead of letting an
-    overload pile up memory and latency."""
+    requests: beyond `max_connections` uvicorn answers 503 (JSON, Retry-After) at once instead
+    of letting an overload pile up memory and latency."""
     return uvicorn.Config(
         create_app(settings),
         host=host,
@@ -58,6 +103,7 @@ def uvicorn_config(settings: Settings, host: str, port: int) -> uvicorn.Config:
         access_log=False,
         proxy_headers=True,
         limit_concurrency=settings.max_connections,
+        http=_http_protocol(),
     )
 
 

@@ -211,32 +211,67 @@ class _Plan:
 
 class ServingTokenize:
     def __init__(
-        self, store: CatalogueStore, tokenizer: Tokenizer | None, metrics: Metrics
+        self,
+        store: CatalogueStore,
+        tokenizer: Tokenizer | None,
+        metrics: Metrics,
+        max_waiting: int = 32,
+        wait_timeout_s: float = 30.0,
     ) -> None:
         self.store = store
         self.tokenizer = tokenizer
         self.metrics = metrics
+        self.max_waiting = max_waiting
+        self.wait_timeout_s = wait_timeout_s
+        self._waiting = 0
 
     async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
         if self.tokenizer is None:
             raise Unavailable("this bundle has no item tokenizer (tokenizer/), /tokenize is off")
-        async with self.store.writer:
-            for _ in range(COMMIT_ATTEMPTS):
-                try:
-                    await self.store.sync()
-                except StoreUnavailable as e:
-                    raise Unavailable(str(e)) from e
-                plan = await asyncio.to_thread(self._plan, req)
-                if req.dry_run or not plan.entries:
-                    return self._response(req, plan)
-                try:
-                    await self.store.commit(plan.entries)
-                except StoreUnavailable as e:
-                    raise Unavailable(str(e)) from e
-                except StaleVersion:
-                    continue
-                self.metrics.tokenized_items.inc(len(plan.entries))
+        await self._acquire_writer()
+        try:
+            return await self._tokenize(req)
+        finally:
+            self.store.writer.release()
+
+    async def _acquire_writer(self) -> None:
+        """Writes are serialized; at most `max_waiting` calls wait their turn, each at most
+        `wait_timeout_s` (a slow or paused store must not pile up callers without bound)."""
+        if self._waiting >= self.max_waiting:
+            raise Unavailable(
+                f"{self._waiting} /tokenize calls are already waiting for the catalogue writer "
+                "(max_waiting_writes); retry later"
+            )
+        self._waiting += 1
+        try:
+            async with asyncio.timeout(self.wait_timeout_s):
+                await self.store.writer.acquire()
+        except TimeoutError:
+            raise Unavailable(
+                f"waited {self.wait_timeout_s:g} s for the catalogue writer (the store is slow); "
+                "nothing was stored, retry later"
+            ) from None
+        finally:
+            self._waiting -= 1
+
+    async def _tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        """The write itself; the caller holds the store's writer lock."""
+        for _ in range(COMMIT_ATTEMPTS):
+            try:
+                await self.store.sync()
+            except StoreUnavailable as e:
+                raise Unavailable(str(e)) from e
+            plan = await asyncio.to_thread(self._plan, req)
+            if req.dry_run or not plan.entries:
                 return self._response(req, plan)
+            try:
+                await self.store.commit(plan.entries)
+            except StoreUnavailable as e:
+                raise Unavailable(str(e)) from e
+            except StaleVersion:
+                continue
+            self.metrics.tokenized_items.inc(len(plan.entries))
+            return self._response(req, plan)
         raise Unavailable("the catalogue store is busy with other writers; retry")
 
     def _response(self, req: TokenizeRequest, plan: _Plan) -> TokenizeResponse:

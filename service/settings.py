@@ -11,6 +11,10 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.keys import KeyRing, is_placeholder_key
+
+__all__ = ["Settings", "is_placeholder_key"]
+
 
 class Settings(BaseSettings):
     """Everything the recommendation service can be told; env var = `LETTERREC_<FIELD>`."""
@@ -70,6 +74,10 @@ class Settings(BaseSettings):
     fails (503 for its requests) and the child is killed and restarted, so a hung child cannot
     block decoding for good."""
 
+    max_waiting_writes: int = Field(default=32, ge=1, le=100_000)
+    """/tokenize calls allowed to wait for the catalogue writer (writes are serialized); beyond
+    it the service answers 503 + Retry-After at once. Each waits at most request_timeout_s."""
+
     request_timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0)
     """Per-request limit on queueing plus decoding; past it the request gets 504."""
 
@@ -89,7 +97,20 @@ class Settings(BaseSettings):
     """Version-polling period towards Redis (pub/sub wakes replicas sooner)."""
 
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
-    """Comma-separated API keys accepted as `Authorization: Bearer <key>` on write routes."""
+    """Comma-separated API keys accepted as `Authorization: Bearer <key>` on write routes. There
+    is no default key: with none here nor in api_keys_file, write routes refuse every call."""
+
+    api_keys_file: Path | None = None
+    """A file of API keys (one per line or comma-separated; `#` comments) or a directory of such
+    files (a mounted Kubernetes Secret), accepted besides api_keys. Re-read within a second of
+    a change, without a restart: a rotated or revoked key takes effect at once."""
+
+    write_rate_per_s: float = Field(default=10.0, ge=0.0, le=1_000_000.0)
+    """Writes (/tokenize calls) allowed per API key and second on average (token bucket); past
+    it 429 with Retry-After. 0 turns the limit off."""
+
+    write_burst: int = Field(default=20, ge=1, le=1_000_000)
+    """Writes one API key may make at once before write_rate_per_s paces it."""
 
     require_key_for_recommend: bool = False
     """Also demand an API key on /recommend and /recommend/batch."""
@@ -122,24 +143,18 @@ class Settings(BaseSettings):
     def resolved_tokenizer_device(self) -> str:
         return _resolve(self.tokenizer_device)
 
+    def key_ring(self) -> KeyRing:
+        """The accepted keys (environment and file). The development placeholders that the
+        repository once shipped are public, so they are never accepted: a deployment that keeps
+        them has writes closed (and logs why) instead of open to anyone who read the code."""
+        return KeyRing([k.get_secret_value() for k in self.api_keys], self.api_keys_file)
+
     def key_values(self) -> list[bytes]:
-        """The configured API keys as bytes, for constant-time comparison. The development
-        placeholders that the compose file and the kustomize base ship are public, so they are
-        never accepted: a deployment that keeps them has writes closed (and logs why) instead
-        of open to anyone who has read the repository."""
-        keys = [k.get_secret_value() for k in self.api_keys]
-        return [k.encode() for k in keys if not is_placeholder_key(k)]
+        """The keys accepted now, as bytes."""
+        return self.key_ring().values()
 
     def placeholder_keys(self) -> int:
-        return sum(is_placeholder_key(k.get_secret_value()) for k in self.api_keys)
-
-
-PLACEHOLDER_PREFIX = "dev-insecure-"
-"""Keys starting with this are the repository's public development placeholders."""
-
-
-def is_placeholder_key(key: str) -> bool:
-    return key.startswith(PLACEHOLDER_PREFIX)
+        return self.key_ring().placeholders
 
 
 def _resolve(device: str) -> str:

@@ -38,6 +38,10 @@ def unavailable(description: str) -> dict[str, Any]:
     return error(description, headers=_RETRY_AFTER)
 
 
+def too_many(description: str) -> dict[str, Any]:
+    return error(description, headers=_RETRY_AFTER)
+
+
 def conflict(description: str) -> dict[str, Any]:
     return error(description, model=ConflictResponse)
 

@@ -15,6 +15,8 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
+from service.deps import EARLY_CHECKS
+
 
 class JSONBodyRequest(Request):
     async def json(self) -> Any:
@@ -27,12 +29,20 @@ class JSONBodyRequest(Request):
 
 
 class JSONBodyRoute(APIRoute):
-    """An APIRoute whose handler reads the body through `JSONBodyRequest`."""
+    """An APIRoute whose handler reads the body through `JSONBodyRequest`, after the API key
+    checks among its dependencies (service.deps.EARLY_CHECKS): FastAPI parses the body before
+    it solves dependencies, so a request without a key would otherwise learn that its body is
+    malformed (422) before that it is not allowed (401)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        checks = [
+            EARLY_CHECKS[d.dependency] for d in self.dependencies if d.dependency in EARLY_CHECKS
+        ]
 
         async def handle(request: Request) -> Response:
+            for check in checks:
+                await check(request)
             return await handler(JSONBodyRequest(request.scope, request.receive))
 
         return handle

@@ -5,7 +5,14 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from service.deps import TokenizeDep, require_write_key
-from service.routes.errors import BODY_TOO_LARGE, conflict, error, unauthorized, unavailable
+from service.routes.errors import (
+    BODY_TOO_LARGE,
+    conflict,
+    error,
+    too_many,
+    unauthorized,
+    unavailable,
+)
 from service.routes.json_body import JSONBodyRoute
 from service.schemas import TokenizeRequest, TokenizeResponse
 
@@ -17,6 +24,10 @@ router = APIRouter(tags=["catalogue"], route_class=JSONBodyRoute)
     dependencies=[Depends(require_write_key)],
     responses={
         401: unauthorized("Missing or wrong API key; nothing was changed"),
+        429: too_many(
+            "This API key's write rate limit (LETTERREC_WRITE_RATE_PER_S, LETTERREC_WRITE_BURST) "
+            "is reached; nothing was changed, retry after Retry-After seconds"
+        ),
         409: conflict("An item_id exists with a different text and replace is false"),
         **BODY_TOO_LARGE,
         503: unavailable(

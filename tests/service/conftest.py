@@ -115,6 +115,8 @@ def service_settings(bundle: Path, **overrides: object) -> Settings:
         "sync_interval_s": 0.1,
         "redis_timeout_s": 0.5,
         "shutdown_timeout_s": 10.0,
+        # Tests write faster than any client should; test_security tests the limit itself.
+        "write_rate_per_s": 0.0,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

@@ -259,7 +259,7 @@ def test_every_error_status_is_documented_with_its_body(client: httpx.Client) ->
     documented = {
         ("/recommend", "post"): {"200", "401", "413", "422", "503", "504"},
         ("/recommend/batch", "post"): {"200", "401", "413", "422", "503", "504"},
-        ("/tokenize", "post"): {"200", "401", "409", "413", "422", "503", "507"},
+        ("/tokenize", "post"): {"200", "401", "409", "413", "422", "429", "503", "507"},
         ("/items/{item_id}", "get"): {"200", "404", "422"},
         ("/readyz", "get"): {"200", "503"},
     }

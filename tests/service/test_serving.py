@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -13,7 +14,13 @@ from models.collisions import CodeSpaceExhausted, append_extra_token
 from models.vocab import CodeVocab
 from service.metrics import Metrics
 from service.schemas import RecommendRequest, TokenizeRequest
-from service.serving import CatalogueFull, Conflict, ServingRecommend, ServingTokenize
+from service.serving import (
+    CatalogueFull,
+    Conflict,
+    ServingRecommend,
+    ServingTokenize,
+    Unavailable,
+)
 from service.store import CatalogueStore, LiveCatalogue
 
 pytestmark = pytest.mark.anyio
@@ -147,3 +154,22 @@ async def test_a_full_extra_token_prefix_is_reported_as_full_whatever_the_messag
         await serving.tokenize(tokenize_req({"item_id": "x", "title": "x"}))
     r = await serving.tokenize(tokenize_req({"item_id": "y", "title": "y"}))
     assert r.items[0].codes == [1, 0]
+
+
+async def test_calls_waiting_for_the_writer_are_bounded_in_number_and_time() -> None:
+    s = store()
+    serving = ServingTokenize(
+        s, StubTokenizer({"x": (3, 3), "y": (3, 2)}), Metrics(), max_waiting=1, wait_timeout_s=5
+    )
+    await s.writer.acquire()  # a slow write in progress
+    first = asyncio.create_task(serving.tokenize(tokenize_req({"item_id": "x", "title": "x"})))
+    await asyncio.sleep(0.01)
+    with pytest.raises(Unavailable, match="already waiting"):
+        await serving.tokenize(tokenize_req({"item_id": "y", "title": "y"}))
+    s.writer.release()
+    assert (await first).items[0].status == "created"
+    serving.wait_timeout_s = 0.05
+    async with s.writer:
+        with pytest.raises(Unavailable, match="waited 0.05 s"):
+            await serving.tokenize(tokenize_req({"item_id": "y", "title": "y"}))
+    assert s.live.row_of("y") is None
