@@ -12,8 +12,10 @@ whenever the trie object or its version changed since the last one shipped (afte
 a Redis resync), so a batch is always decoded against the trie of the moment it was sent, as in
 process. Requests and results cross a pipe (a few KB a batch). An exception in the child is
 raised again in the parent with its type; a child that dies is started again at the next call,
-and so is one that hangs: a batch not answered within `batch_timeout_s` kills the child (the
-batch fails with DecodeWorkerError) instead of blocking decoding for good.
+and so is one that hangs: a batch not answered within `batch_timeout_s` kills the child instead
+of blocking decoding for good. A batch whose child died or hung under it is decoded once more
+on the new child (decoding has no side effects and the parent holds the trie), so a lost child
+costs its batch latency, not an error; a second loss in a row fails the batch.
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ log = logging.getLogger(__name__)
 
 class DecodeWorkerError(RuntimeError):
     """The child process failed to start, died, or raised an exception that does not pickle."""
+
+
+class DecodeWorkerLost(DecodeWorkerError):
+    """The child died or hung while decoding a batch (it was killed and will be replaced)."""
 
 
 def _worker(conn: Connection, engine_name: str, kwargs: dict[str, Any], threads: int) -> None:
@@ -181,34 +187,39 @@ class SubprocessEngine(DecodeEngine):
 
     # ---- calls -----------------------------------------------------------------------------
     def _call(self, op: str, trie: ItemTrie, payload: Any) -> Any:
-        key = (id(trie), trie.version, len(trie), trie.n_active)
         with self._lock:
-            if not self._alive():
-                code = None if self._proc is None else self._proc.exitcode
-                log.error("decode worker is gone (exit code %s); starting a new one", code)
-                self._start()
-            assert self._conn is not None
-            blob = None if key == self._shipped else trie.to_bytes()
             try:
-                self._conn.send((op, blob, payload))
-                if not self._conn.poll(self.batch_timeout_s):
-                    self._kill_hung()
-                    raise DecodeWorkerError(
-                        f"decode worker gave no answer within {self.batch_timeout_s:g} s (hung);"
-                        " it was killed and the next batch starts a new one"
-                    )
-                status, value = self._conn.recv()
-            except (EOFError, OSError) as e:
-                self._shipped = None
-                code = self._proc.exitcode if self._proc is not None else None
-                raise DecodeWorkerError(
-                    f"decode worker died during a batch (exit code {code})"
-                ) from e
-            if status != "ok":
-                self._shipped = None  # the child may not hold this trie: ship it again
-                raise value
-            self._shipped = key
-            return value
+                return self._call_once(op, trie, payload)
+            except DecodeWorkerLost as e:
+                log.warning("%s; decoding the batch again on a new worker", e)
+                return self._call_once(op, trie, payload)
+
+    def _call_once(self, op: str, trie: ItemTrie, payload: Any) -> Any:
+        key = (id(trie), trie.version, len(trie), trie.n_active)
+        if not self._alive():
+            code = None if self._proc is None else self._proc.exitcode
+            log.error("decode worker is gone (exit code %s); starting a new one", code)
+            self._start()
+        assert self._conn is not None
+        blob = None if key == self._shipped else trie.to_bytes()
+        try:
+            self._conn.send((op, blob, payload))
+            if not self._conn.poll(self.batch_timeout_s):
+                self._kill_hung()
+                raise DecodeWorkerLost(
+                    f"decode worker gave no answer within {self.batch_timeout_s:g} s (hung);"
+                    " it was killed"
+                )
+            status, value = self._conn.recv()
+        except (EOFError, OSError) as e:
+            self._shipped = None
+            code = self._proc.exitcode if self._proc is not None else None
+            raise DecodeWorkerLost(f"decode worker died during a batch (exit code {code})") from e
+        if status != "ok":
+            self._shipped = None  # the child may not hold this trie: ship it again
+            raise value
+        self._shipped = key
+        return value
 
     def recommend(
         self, requests: Sequence[DecodeRequest], trie: ItemTrie
