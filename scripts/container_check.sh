@@ -64,7 +64,11 @@ COMPOSE=()
 T0=$(date +%s)
 TIMINGS=()
 
+CHECKS=$WORK/checks.log  # one "  ok  ..." line per check passed, counted at the end
+SKIPPED=""
+
 say() { echo "container_check: $*" >&2; }
+ok() { echo "  ok  $*" | tee -a "$CHECKS"; }
 die() { say "FAILED: $*"; exit 1; }
 step() { printf '\n== [%4ds] %s\n' "$(( $(date +%s) - T0 ))" "$*" >&2; }
 # timed LABEL CMD...: run CMD, remember how long it took. CMD runs plainly (not under `||` or
@@ -89,6 +93,8 @@ cleanup() {
     kill "$STARTED_DOCKERD" 2>/dev/null
     for _ in $(seq 1 30); do kill -0 "$STARTED_DOCKERD" 2>/dev/null || break; sleep 1; done
   fi
+  local passed
+  passed=$(grep -c '^  ok  ' "$CHECKS" 2>/dev/null)
   if [ "$rc" != 0 ] || [ -n "${KEEP_WORK:-}" ]; then
     say "logs kept in $WORK"
   else
@@ -98,11 +104,15 @@ cleanup() {
     printf '\ncontainer_check: timings\n' >&2
     printf '  %s\n' "${TIMINGS[@]}" >&2
   fi
+  if [ -z "$SKIPPED" ]; then
+    echo "container_check: ${passed:-0} passed, $([ "$rc" = 0 ] && echo 0 || echo 1) failed"
+  fi
   exit "$rc"
 }
 trap cleanup EXIT
 
 skip() {
+  SKIPPED=1
   say "SKIPPED, no Docker daemon can run here: $*"
   if [ -n "${CONTAINER_CHECK_REQUIRED:-}" ]; then
     die "CONTAINER_CHECK_REQUIRED is set, so a skipped container check fails"
@@ -229,6 +239,7 @@ build_server() {
   size=$(docker image inspect -f '{{.Size}}' "$SERVER_IMAGE")
   say "$SERVER_IMAGE: $(( size / 1000000 )) MB"
   [ "$size" -lt 1500000000 ] || die "$SERVER_IMAGE is $(( size / 1000000 )) MB, over the 1500 MB target"
+  ok "$SERVER_IMAGE built from docker/Dockerfile.cpu: $(( size / 1000000 )) MB, under the 1500 MB target"
 }
 timed "build CPU image" build_server
 
@@ -245,6 +256,7 @@ EOF
   docker build -f docker/Dockerfile.baked --build-arg SERVER_IMAGE="$SERVER_IMAGE" \
     -t "$BAKED_IMAGE" "$WORK/bundle" >"$WORK/build-baked.log" 2>&1 \
     || { tail -20 "$WORK/build-baked.log" >&2; die "docker build -f docker/Dockerfile.baked failed (log above)"; }
+  ok "$BAKED_IMAGE built from docker/Dockerfile.baked (a bundle of $(find "$WORK/bundle" -type f | wc -l) files)"
 }
 timed "bundle + baked image" make_bundle
 
@@ -259,7 +271,7 @@ probe_single() {
     -e LETTERREC_API_KEYS="$KEY" -e LETTERREC_TORCH_THREADS=1 -e LETTERREC_MAX_WAIT_MS=1000 \
     "$BAKED_IMAGE" >/dev/null
   "$PY" scripts/container_probe.py single --container "$SINGLE" --bundle "$WORK/bundle" \
-    --key "$KEY" --work "$WORK" \
+    --key "$KEY" --work "$WORK" | tee -a "$CHECKS" \
     || { docker logs --tail 40 "$SINGLE" >&2 2>&1 || true; die "single-container probe failed"; }
 }
 timed "single-container probe" probe_single
@@ -319,12 +331,13 @@ compose_up() {
     >"$WORK/compose-up.log" 2>&1 \
     || { tail -30 "$WORK/compose-up.log" >&2; "${COMPOSE[@]}" logs --tail 30 >&2 2>&1 || true;
          die "docker compose up failed (log above)"; }
+  ok "docker compose up --wait: letterrec x 2 healthy, redis healthy, prometheus running"
 }
 timed "compose up (healthy)" compose_up
 
 compose_probe() {
   "$PY" scripts/container_probe.py compose --project "$PROJECT" --key "$KEY" \
-    --ports "$LETTERREC_PORT_A,$LETTERREC_PORT_B" --prometheus-port "$PROMETHEUS_PORT" \
+    --ports "$LETTERREC_PORT_A,$LETTERREC_PORT_B" --prometheus-port "$PROMETHEUS_PORT" | tee -a "$CHECKS" \
     || { "${COMPOSE[@]}" logs --tail 30 >&2 2>&1 || true; die "compose probe failed"; }
 }
 timed "compose probe" compose_probe
@@ -333,6 +346,7 @@ compose_down() {
   "${COMPOSE[@]}" down --volumes --remove-orphans --timeout 30 >"$WORK/compose-down.log" 2>&1 \
     || { tail -20 "$WORK/compose-down.log" >&2; die "docker compose down failed"; }
   COMPOSE=()
+  ok "docker compose down --volumes: the stack stopped and removed"
 }
 timed "compose down" compose_down
 
