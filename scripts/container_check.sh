@@ -17,7 +17,8 @@
 #      ~/.cache/letterrec/wheelhouse-VERSION) when it holds no torch wheel.
 #   4. Builds docker/Dockerfile.cpu (classic builder), bakes a small bundle made by the project's
 #      own code (tests/bundlefactory.py) with docker/Dockerfile.baked, runs it with a read-only
-#      root filesystem and a tmpfs /tmp, and probes it (scripts/container_probe.py single):
+#      root filesystem, a tmpfs /tmp and the API key as a mounted file (as on Kubernetes), and
+#      probes it (scripts/container_probe.py single):
 #      /readyz, /recommend equal to `letterrec serve` on the host, /tokenize needs the key,
 #      /metrics, uid 10001, read-only root, SIGTERM drains in-flight requests and exits 0.
 #   5. Compose: Redis and Prometheus images are pulled, or built on the stand-in base from
@@ -264,11 +265,17 @@ timed "bundle + baked image" make_bundle
 step "single container: probe $BAKED_IMAGE as a black box"
 KEY=check-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
 probe_single() {
-  # The image's own entry point and command; only what a deployment sets: a key, a read-only
-  # root, a tmpfs for /tmp, a queue wait long enough that the drain check finds requests queued.
+  # The image's own entry point and command; only what a deployment sets: the key as a file
+  # readable by the server's group alone, mounted read-only as Kubernetes mounts the Secret
+  # (deploy/base/deployment.yaml), a read-only root, a tmpfs for /tmp, and a queue wait long
+  # enough that the drain check finds requests queued.
+  mkdir -p "$WORK/api-keys"
+  printf '%s\n' "$KEY" >"$WORK/api-keys/api-keys"
+  chown -R 0:10001 "$WORK/api-keys" && chmod 0750 "$WORK/api-keys" && chmod 0440 "$WORK/api-keys/api-keys"
   docker run -d --name "$SINGLE" --read-only --tmpfs /tmp:rw,size=512m \
     --security-opt no-new-privileges:true --stop-timeout 60 \
-    -e LETTERREC_API_KEYS="$KEY" -e LETTERREC_TORCH_THREADS=1 -e LETTERREC_MAX_WAIT_MS=1000 \
+    -v "$WORK/api-keys:/etc/letterrec/api-keys:ro" -e LETTERREC_API_KEYS_FILE=/etc/letterrec/api-keys \
+    -e LETTERREC_TORCH_THREADS=1 -e LETTERREC_MAX_WAIT_MS=1000 \
     "$BAKED_IMAGE" >/dev/null
   "$PY" scripts/container_probe.py single --container "$SINGLE" --bundle "$WORK/bundle" \
     --key "$KEY" --work "$WORK" | tee -a "$CHECKS" \

@@ -116,14 +116,24 @@ def test_config_and_secret_are_wired_and_known_to_the_service(overlay: tuple[str
     cm = one(objs, "ConfigMap")
     # The generated name carries a content hash; kustomize rewrote the reference to match.
     assert {"configMapRef": {"name": cm["metadata"]["name"]}} in refs
-    # The Secret the operator creates (docs/deployment.md#secrets), by its plain name, and not
-    # optional: without keys the pod waits rather than starting with its write routes closed.
-    assert {"secretRef": {"name": "letterrec-api-keys"}} in refs
+    assert not [r for r in refs if "secretRef" in r], "keys come as files, not environment"
     fields = {f"LETTERREC_{n.upper()}" for n in Settings.model_fields}
     keys = set(cm["data"])
     assert keys <= fields, f"not settings of service/settings.py: {sorted(keys - fields)}"
     assert "LETTERREC_API_KEYS" not in keys, "API keys belong in the Secret, not the ConfigMap"
-    assert "LETTERREC_API_KEYS" in fields
+    # The Secret the operator creates (docs/deployment.md#secrets), by its plain name, not
+    # optional (without keys the pod waits rather than starting with its write routes closed),
+    # mounted read-only where LETTERREC_API_KEYS_FILE points (re-read on rotation).
+    pod = one(objs, "Deployment", "letterrec")["spec"]["template"]["spec"]
+    (vol,) = [v for v in pod["volumes"] if "secret" in v]
+    assert vol["secret"]["secretName"] == "letterrec-api-keys"
+    assert not vol["secret"].get("optional", False)
+    assert vol["secret"]["defaultMode"] & 0o007 == 0, "not world-readable"
+    (mount,) = [m for m in server(objs)["volumeMounts"] if m["name"] == vol["name"]]
+    assert mount["readOnly"] is True
+    assert cm["data"]["LETTERREC_API_KEYS_FILE"] == mount["mountPath"]
+    # The server's group can read the files (fsGroup owns secret volumes).
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
 
 
 def test_service_pdb_hpa_and_servicemonitor_select_the_server(overlay: tuple[str, Objs]) -> None:
