@@ -160,6 +160,10 @@ class SubprocessEngine(DecodeEngine):
         log.error(
             "decode worker pid %s hung for %.0f s; killing it", self.pid, self.batch_timeout_s
         )
+        self._discard()
+
+    def _discard(self) -> None:
+        """Kill the child (if it still runs) and drop its pipe; the next call starts a new one."""
         self._shipped = None
         if self._proc is not None:
             self._proc.kill()
@@ -169,7 +173,7 @@ class SubprocessEngine(DecodeEngine):
         self._conn = None
 
     def _alive(self) -> bool:
-        return self._proc is not None and self._proc.is_alive()
+        return self._conn is not None and self._proc is not None and self._proc.is_alive()
 
     def close(self) -> None:
         with self._lock:
@@ -212,7 +216,8 @@ class SubprocessEngine(DecodeEngine):
                 )
             status, value = self._conn.recv()
         except (EOFError, OSError) as e:
-            self._shipped = None
+            # Its pipe can close before its exit is visible: reap it, so the retry starts anew.
+            self._discard()
             code = self._proc.exitcode if self._proc is not None else None
             raise DecodeWorkerLost(f"decode worker died during a batch (exit code {code})") from e
         if status != "ok":

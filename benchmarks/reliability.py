@@ -1,0 +1,279 @@
+"""Reliability report: schema fuzzing, faults under traffic, and a soak at 80% of capacity.
+
+    python -m benchmarks.reliability --bundle runs/ml [--minutes 30] [--name reliability-cpu]
+
+writes `benchmarks/results/<name>.{json,md}` with `fuzz` = {cases, server_errors,
+schema_violations}, `faults` = [{fault, requests, recommend_failures, tokenize_acknowledged,
+acknowledged_lost, converge_seconds}], `soak` = {minutes, requests, errors, rss_growth_pct,
+p99_ms_first, p99_ms_last}, plus command, commit, machine, created_at. Everything runs against
+real `letterrec serve` processes (benchmarks/faults.py, shared with tests/service/test_faults.py);
+`--parts` runs a subset (the others are then absent from the file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from benchmarks.common import RESULTS, header, md_header, md_table, write_result
+from benchmarks.faults import SCENARIOS, Cluster, Replica, bad_bundle
+
+log = logging.getLogger("benchmarks.reliability")
+
+API_KEY = "reliability-benchmark-key-0123456789"
+
+
+# ---- fuzz ------------------------------------------------------------------------------------
+
+
+def fuzz(url: str, examples: int, seed: int, headers: dict[str, str] | None) -> dict[str, int]:
+    """One schemathesis run (all phases but stateful) over the live /openapi.json."""
+    import schemathesis
+    from schemathesis.config import SchemathesisConfig
+    from schemathesis.engine import events
+
+    options: dict[str, Any] = {
+        "seed": seed,
+        "base-url": url,
+        "request-timeout": 30,
+        "generation": {
+            "mode": "all",
+            "max-examples": examples,
+            "deterministic": True,
+            "database": "none",
+        },
+        "phases": {"stateful": {"enabled": False}},
+        "cache": {"enabled": False},
+    }
+    if headers:
+        options["headers"] = headers
+    schema = schemathesis.openapi.from_url(
+        f"{url}/openapi.json", config=SchemathesisConfig.from_dict(options)
+    )
+    out = {"cases": 0, "server_errors": 0, "schema_violations": 0}
+    for event in schemathesis.engine.from_schema(schema).execute():
+        if isinstance(event, events.ScenarioFinished):
+            for interaction in event.recorder.interactions.values():
+                out["cases"] += 1
+                status = interaction.response.status_code if interaction.response else 599
+                out["server_errors"] += status >= 500 and status != 503
+            for checks in event.recorder.checks.values():
+                out["schema_violations"] += sum(c.failure_info is not None for c in checks)
+        elif isinstance(event, events.NonFatalError | events.FatalError):
+            out["schema_violations"] += 1
+    return out
+
+
+def run_fuzz(bundle: Path, workdir: Path, examples: int) -> dict[str, int]:
+    env = {"LETTERREC_API_KEYS": API_KEY, "LETTERREC_TORCH_THREADS": "1"}
+    env["LETTERREC_WRITE_RATE_PER_S"] = "0"  # the fuzzer writes faster than a client should
+    replica = Replica(bundle, None, env, workdir / "fuzz.log").start()
+    try:
+        replica.wait_ready()
+        keyed = fuzz(replica.url, examples, 1, {"Authorization": f"Bearer {API_KEY}"})
+        unkeyed = fuzz(replica.url, examples, 2, None)
+    finally:
+        replica.stop()
+    return {k: keyed[k] + unkeyed[k] for k in keyed}
+
+
+# ---- faults ------------------------------------------------------------------------------------
+
+
+def run_faults(bundle: Path, workdir: Path) -> list[dict[str, Any]]:
+    rows = []
+    cluster = Cluster(bundle, workdir / "cluster", API_KEY)
+    try:
+        cluster.start()
+        for name, scenario in SCENARIOS.items():
+            log.info("fault: %s", name)
+            result = scenario(cluster)
+            if result.notes:
+                log.warning("%s: %s", name, result.notes)
+            rows.append(result.row())
+    finally:
+        cluster.close()
+    for kind in ("missing", "corrupt"):
+        result = bad_bundle(bundle, workdir, kind)
+        if result.notes:
+            log.warning("bundle_%s: %s", kind, result.notes)
+        rows.append(result.row())
+    return rows
+
+
+# ---- soak --------------------------------------------------------------------------------------
+
+
+def tree_rss_kb(pid: int) -> int:
+    """Resident memory of `pid` and its children (the decode child), in KB."""
+    total = 0
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pids += [int(c) for c in children]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+async def _closed_loop(url: str, concurrency: int, seconds: float) -> float:
+    done = 0
+    deadline = time.monotonic() + seconds
+
+    async def worker(c: httpx.AsyncClient) -> None:
+        nonlocal done
+        while time.monotonic() < deadline:
+            r = await c.post(f"{url}/recommend", json={"k": 10, "history": []})
+            done += r.status_code == 200
+
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as c:
+        await asyncio.gather(*(worker(c) for _ in range(concurrency)))
+    return done / seconds
+
+
+async def _open_loop(
+    url: str, rate: float, tokenize_every_s: float, seconds: float, item_ids: list[str]
+) -> tuple[list[tuple[float, float, bool]], int]:
+    """Requests at fixed intervals (latency from the scheduled start): (start offset, latency,
+    ok) per request, and the /tokenize calls answered 2xx."""
+    results: list[tuple[float, float, bool]] = []
+    acknowledged = 0
+    rng = np.random.default_rng(0)
+    start = time.monotonic()
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+
+    async def one(c: httpx.AsyncClient, at: float, tokenize: int | None) -> None:
+        nonlocal acknowledged
+        await asyncio.sleep(max(0.0, start + at - time.monotonic()))
+        try:
+            if tokenize is None:
+                history = [str(x) for x in rng.choice(item_ids, size=5)]
+                r = await c.post(f"{url}/recommend", json={"k": 10, "history": history})
+            else:
+                item = {"item_id": f"soak-{tokenize}", "title": f"Soak test item {tokenize}"}
+                r = await c.post(f"{url}/tokenize", json={"items": [item]}, headers=auth)
+                acknowledged += 200 <= r.status_code < 300
+            ok = r.status_code < 400
+        except httpx.HTTPError:
+            ok = False
+        results.append((at, time.monotonic() - start - at, ok))
+
+    limits = httpx.Limits(max_connections=256)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as c:
+        tasks = [one(c, i / rate, None) for i in range(int(seconds * rate))]
+        tasks += [one(c, j * tokenize_every_s, j) for j in range(int(seconds / tokenize_every_s))]
+        await asyncio.gather(*tasks)
+    return results, acknowledged
+
+
+def run_soak(bundle: Path, workdir: Path, minutes: float, capacity_s: float) -> dict[str, Any]:
+    from models.bundle import Bundle
+
+    item_ids = Bundle.load(bundle).catalogue.item_ids
+    cluster = Cluster(bundle, workdir / "soak", API_KEY, n=1)
+    replica = cluster.replicas[0]
+    try:
+        cluster.start()
+        assert replica.proc is not None
+        capacity = asyncio.run(_closed_loop(replica.url, 8, capacity_s))
+        rate = 0.8 * capacity
+        log.info("capacity %.1f requests/s; soaking at %.1f/s for %g min", capacity, rate, minutes)
+        rss_before = tree_rss_kb(replica.proc.pid)
+        results, acknowledged = asyncio.run(
+            _open_loop(replica.url, rate, 1.0, minutes * 60.0, item_ids)
+        )
+        rss_after = tree_rss_kb(replica.proc.pid)
+    finally:
+        cluster.close()
+    first = [lat for at, lat, _ in results if at < 60.0]
+    last = [lat for at, lat, _ in results if at >= minutes * 60.0 - 60.0]
+    return {
+        "minutes": minutes,
+        "requests": len(results),
+        "errors": sum(not ok for _, _, ok in results),
+        "rss_growth_pct": round(100.0 * (rss_after - rss_before) / max(1, rss_before), 2),
+        "p99_ms_first": round(1000.0 * float(np.percentile(first, 99)), 1),
+        "p99_ms_last": round(1000.0 * float(np.percentile(last, 99)), 1),
+        "capacity_requests_per_s": round(capacity, 1),
+        "rate_requests_per_s": round(rate, 1),
+        "tokenize_acknowledged": acknowledged,
+    }
+
+
+# ---- report ------------------------------------------------------------------------------------
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    text = md_header("Reliability", payload)
+    if "fuzz" in payload:
+        f = payload["fuzz"]
+        text += (
+            f"## Schema fuzzing\n\n{f['cases']} cases: {f['server_errors']} server errors, "
+            f"{f['schema_violations']} schema violations.\n\n"
+        )
+    if "faults" in payload:
+        cols = [
+            "fault",
+            "requests",
+            "recommend_failures",
+            "tokenize_acknowledged",
+            "acknowledged_lost",
+            "converge_seconds",
+        ]
+        text += "## Faults under traffic\n\n" + md_table(payload["faults"], cols) + "\n"
+    if "soak" in payload:
+        s = payload["soak"]
+        text += (
+            f"## Soak\n\n{s['minutes']} minutes at {s['rate_requests_per_s']} requests/s (80% of "
+            f"{s['capacity_requests_per_s']}/s measured), /tokenize once a second: "
+            f"{s['requests']} requests, {s['errors']} errors, RSS growth {s['rss_growth_pct']}%, "
+            f"p99 {s['p99_ms_first']} ms in the first minute, {s['p99_ms_last']} ms in the last.\n"
+        )
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.reliability", description=__doc__)
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--minutes", type=float, default=30.0, help="soak duration")
+    parser.add_argument("--capacity-seconds", type=float, default=20.0)
+    parser.add_argument("--fuzz-examples", type=int, default=200, help="per operation and run")
+    parser.add_argument("--parts", default="fuzz,faults,soak")
+    parser.add_argument("--name", default="reliability-cpu")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    unknown = parts - {"fuzz", "faults", "soak"}
+    if unknown:
+        parser.error(f"unknown --parts {sorted(unknown)}; choose among fuzz, faults, soak")
+    payload = header()
+    with tempfile.TemporaryDirectory(prefix="letterrec-reliability-") as tmp:
+        work = Path(tmp)
+        if "fuzz" in parts:
+            payload["fuzz"] = run_fuzz(args.bundle, work, args.fuzz_examples)
+        if "faults" in parts:
+            payload["faults"] = run_faults(args.bundle, work)
+        if "soak" in parts:
+            payload["soak"] = run_soak(args.bundle, work, args.minutes, args.capacity_seconds)
+    path = write_result(args.name, payload, markdown(payload), args.results)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
