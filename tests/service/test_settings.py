@@ -93,3 +93,19 @@ def test_connections_beyond_max_connections_get_503_at_once(tiny_bundle: Path) -
             assert second.get("/healthz").status_code == 503
         with srv.client() as again:  # the first connection closed: room again
             assert again.get("/healthz").status_code == 200
+
+
+def test_service_makes_openmp_threads_wait_passively() -> None:
+    """`import service` sets OMP_WAIT_POLICY=PASSIVE before torch starts OpenMP (spinning
+    decode threads collapse when the host is shared), unless the operator set it."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import service, os, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "PASSIVE", out.stderr
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "ACTIVE", out.stderr
