@@ -67,8 +67,13 @@ class Dense:
         self.onednn = onednn
         self.bias = bias
         self.out_features, self.in_features = w.shape
-        # oneDNN takes W as it is; matmul a contiguous W^T.
-        self.w = w.contiguous() if onednn else w.t().contiguous()
+        # oneDNN takes W as it is (copied: a fresh, aligned allocation of its own, never the
+        # model's possibly memory-mapped storage); matmul a contiguous W^T.
+        self.w = (
+            w.detach().clone(memory_format=torch.contiguous_format)
+            if onednn
+            else w.t().contiguous()
+        )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.onednn:

@@ -124,7 +124,10 @@ def _run(
     results = ds.map_batches(
         RecommendActor,
         fn_constructor_kwargs={"cfg": cfg},
-        batch_size=cfg.batch_size,
+        # One call per block (each block is one engine batch; Ray may still hand several blocks
+        # to a call, which the actor splits again). A row count here would make Ray re-cut the
+        # rows across blocks, and a user decoded in another batch gets other float bits.
+        batch_size=None,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=max(cfg.threads, 1),
