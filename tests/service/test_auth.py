@@ -49,8 +49,9 @@ def test_check_api_key_accepts_a_configured_key() -> None:
 
 
 def test_the_repositorys_placeholder_keys_are_never_accepted() -> None:
-    """compose.yaml and the kustomize base ship `dev-insecure-placeholder-key`: anyone who read
-    the repository knows it, so it opens nothing; real keys beside it still work."""
+    """`dev-insecure-placeholder-key`, the key earlier compose and kustomize files shipped, is
+    public: an operator who still configures it gets a key that opens nothing; real keys beside
+    it still work."""
     from service.settings import Settings
 
     s = Settings(api_keys="dev-insecure-placeholder-key, real-key-0123456789")
