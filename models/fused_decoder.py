@@ -89,10 +89,6 @@ class Dense:
             return torch.addmm(h, x, self.w)
         return h + F.linear(x, self.w.t(), self.bias)
 
-    def weight(self) -> torch.Tensor:
-        """W [out, in] (a view where the layout allows)."""
-        return self.w if self.onednn else self.w.t()
-
 
 @dataclass
 class _Layer:
