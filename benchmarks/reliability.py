@@ -146,39 +146,94 @@ async def _closed_loop(url: str, concurrency: int, seconds: float) -> float:
     return done / seconds
 
 
-async def _open_loop(
-    url: str, rate: float, tokenize_every_s: float, seconds: float, item_ids: list[str]
-) -> tuple[list[tuple[float, float, bool]], int]:
-    """Requests at fixed intervals (latency from the scheduled start): (start offset, latency,
-    ok) per request, and the /tokenize calls answered 2xx."""
-    results: list[tuple[float, float, bool]] = []
-    acknowledged = 0
-    rng = np.random.default_rng(0)
-    start = time.monotonic()
-    auth = {"Authorization": f"Bearer {API_KEY}"}
+class _Paced:
+    """An open-loop client at a fixed rate that creates each request when it is due (a soak
+    of 30 minutes at 90/s is 160,000 requests: creating them all up front, each sleeping until
+    its time, stalls the event loop). Latency counts from the scheduled start, so a late
+    client or a queue in the server both show (no coordinated omission)."""
 
-    async def one(c: httpx.AsyncClient, at: float, tokenize: int | None) -> None:
-        nonlocal acknowledged
-        await asyncio.sleep(max(0.0, start + at - time.monotonic()))
+    def __init__(self, url: str, item_ids: list[str], seconds: float) -> None:
+        self.url, self.item_ids, self.seconds = url, item_ids, seconds
+        self.results: list[tuple[float, float, bool]] = []
+        self.acknowledged = 0
+        self.rng = np.random.default_rng(0)
+        self.start = 0.0
+        self.pending: set[asyncio.Task[None]] = set()
+
+    async def one(self, c: httpx.AsyncClient, at: float, tokenize: int | None) -> None:
         try:
             if tokenize is None:
-                history = [str(x) for x in rng.choice(item_ids, size=5)]
-                r = await c.post(f"{url}/recommend", json={"k": 10, "history": history})
+                history = [str(x) for x in self.rng.choice(self.item_ids, size=5)]
+                r = await c.post(f"{self.url}/recommend", json={"k": 10, "history": history})
             else:
                 item = {"item_id": f"soak-{tokenize}", "title": f"Soak test item {tokenize}"}
-                r = await c.post(f"{url}/tokenize", json={"items": [item]}, headers=auth)
-                acknowledged += 200 <= r.status_code < 300
+                auth = {"Authorization": f"Bearer {API_KEY}"}
+                r = await c.post(f"{self.url}/tokenize", json={"items": [item]}, headers=auth)
+                self.acknowledged += 200 <= r.status_code < 300
             ok = r.status_code < 400
         except httpx.HTTPError:
             ok = False
-        results.append((at, time.monotonic() - start - at, ok))
+        self.results.append((at, time.monotonic() - self.start - at, ok))
 
-    limits = httpx.Limits(max_connections=256)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as c:
-        tasks = [one(c, i / rate, None) for i in range(int(seconds * rate))]
-        tasks += [one(c, j * tokenize_every_s, j) for j in range(int(seconds / tokenize_every_s))]
-        await asyncio.gather(*tasks)
-    return results, acknowledged
+    async def stream(self, c: httpx.AsyncClient, every_s: float, tokenize: bool) -> None:
+        """One request every `every_s` seconds from the start until `seconds`."""
+        i = 0
+        while (at := i * every_s) < self.seconds:
+            await asyncio.sleep(max(0.0, self.start + at - time.monotonic()))
+            task = asyncio.create_task(self.one(c, at, i if tokenize else None))
+            self.pending.add(task)
+            task.add_done_callback(self.pending.discard)
+            i += 1
+
+    async def run(self, rate: float, tokenize_every_s: float, sample: Any, sample_s: float) -> None:
+        """Requests at `rate`/s and a /tokenize every `tokenize_every_s`; `sample()` is called
+        every `sample_s` seconds (memory over time)."""
+
+        async def sampler() -> None:
+            while time.monotonic() - self.start < self.seconds:
+                sample(time.monotonic() - self.start)
+                await asyncio.sleep(sample_s)
+
+        limits = httpx.Limits(max_connections=256)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as c:
+            self.start = time.monotonic()
+            await asyncio.gather(
+                self.stream(c, 1.0 / rate, False),
+                self.stream(c, tokenize_every_s, True),
+                sampler(),
+            )
+            while self.pending:
+                await asyncio.gather(*list(self.pending))
+
+
+def soak_series(
+    results: list[tuple[float, float, bool]], rss: list[tuple[float, int]], window_s: float
+) -> list[dict[str, float]]:
+    """Per window of `window_s` seconds (by scheduled start): requests, errors, p50 and p99
+    latency (ms) and the last RSS sample (MB) in it."""
+    if not results:
+        return []
+    at = np.array([r[0] for r in results])
+    lat = np.array([r[1] for r in results])
+    ok = np.array([r[2] for r in results])
+    rows = []
+    for w in range(int(at.max() // window_s) + 1):
+        sel = (at >= w * window_s) & (at < (w + 1) * window_s)
+        if not sel.any():
+            continue
+        mem = [kb for t, kb in rss if t < (w + 1) * window_s]
+        minute = (w + 1) * window_s / 60.0
+        rows.append(
+            {
+                "minute": int(minute) if minute.is_integer() else round(minute, 2),
+                "requests": int(sel.sum()),
+                "errors": int((~ok[sel]).sum()),
+                "p50_ms": round(1000.0 * float(np.percentile(lat[sel], 50)), 1),
+                "p99_ms": round(1000.0 * float(np.percentile(lat[sel], 99)), 1),
+                "rss_mb": round(mem[-1] / 1024.0, 1) if mem else None,
+            }
+        )
+    return rows
 
 
 def run_soak(bundle: Path, workdir: Path, minutes: float, capacity_s: float) -> dict[str, Any]:
@@ -187,32 +242,66 @@ def run_soak(bundle: Path, workdir: Path, minutes: float, capacity_s: float) -> 
     item_ids = Bundle.load(bundle).catalogue.item_ids
     cluster = Cluster(bundle, workdir / "soak", API_KEY, n=1)
     replica = cluster.replicas[0]
+    rss: list[tuple[float, int]] = []
     try:
         cluster.start()
-        assert replica.proc is not None
+        proc = replica.proc
+        assert proc is not None
         capacity = asyncio.run(_closed_loop(replica.url, 8, capacity_s))
         rate = 0.8 * capacity
         log.info("capacity %.1f requests/s; soaking at %.1f/s for %g min", capacity, rate, minutes)
-        rss_before = tree_rss_kb(replica.proc.pid)
-        results, acknowledged = asyncio.run(
-            _open_loop(replica.url, rate, 1.0, minutes * 60.0, item_ids)
-        )
-        rss_after = tree_rss_kb(replica.proc.pid)
+        rss_before = tree_rss_kb(proc.pid)
+        client = _Paced(replica.url, item_ids, minutes * 60.0)
+        asyncio.run(client.run(rate, 1.0, lambda t: rss.append((t, tree_rss_kb(proc.pid))), 10.0))
+        rss_after = tree_rss_kb(proc.pid)
     finally:
         cluster.close()
+    results = client.results
     first = [lat for at, lat, _ in results if at < 60.0]
     last = [lat for at, lat, _ in results if at >= minutes * 60.0 - 60.0]
     return {
         "minutes": minutes,
         "requests": len(results),
         "errors": sum(not ok for _, _, ok in results),
+        "rss_mb_start": round(rss_before / 1024.0, 1),
+        "rss_mb_end": round(rss_after / 1024.0, 1),
         "rss_growth_pct": round(100.0 * (rss_after - rss_before) / max(1, rss_before), 2),
         "p99_ms_first": round(1000.0 * float(np.percentile(first, 99)), 1),
         "p99_ms_last": round(1000.0 * float(np.percentile(last, 99)), 1),
         "capacity_requests_per_s": round(capacity, 1),
         "rate_requests_per_s": round(rate, 1),
-        "tokenize_acknowledged": acknowledged,
+        "tokenize_acknowledged": client.acknowledged,
+        "series": soak_series(results, rss, 60.0),
     }
+
+
+def soak_plot(soak: dict[str, Any], path: Path) -> None:
+    """Latency (p50, p99) and resident memory per minute of the soak."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = soak["series"]
+    x = [r["minute"] for r in series]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.plot(x, [r["p50_ms"] for r in series], label="p50 latency")
+    ax.plot(x, [r["p99_ms"] for r in series], label="p99 latency")
+    ax.set_xlabel("minute")
+    ax.set_ylabel("ms")
+    mem = ax.twinx()
+    mem.plot(x, [r["rss_mb"] for r in series], color="grey", linestyle="--", label="RSS")
+    mem.set_ylabel("RSS of the server and its decode child (MB)")
+    mem.set_ylim(bottom=0)
+    lines = ax.get_legend_handles_labels()[0] + mem.get_legend_handles_labels()[0]
+    ax.legend(lines, [str(line.get_label()) for line in lines], fontsize=8, loc="upper left")
+    ax.set_title(
+        f"Soak: {soak['rate_requests_per_s']} requests/s for {soak['minutes']:g} min, "
+        f"{soak['errors']} errors"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ---- report ------------------------------------------------------------------------------------
@@ -242,8 +331,12 @@ def markdown(payload: dict[str, Any]) -> str:
             f"## Soak\n\n{s['minutes']} minutes at {s['rate_requests_per_s']} requests/s (80% of "
             f"{s['capacity_requests_per_s']}/s measured), /tokenize once a second: "
             f"{s['requests']} requests, {s['errors']} errors, RSS growth {s['rss_growth_pct']}%, "
-            f"p99 {s['p99_ms_first']} ms in the first minute, {s['p99_ms_last']} ms in the last.\n"
+            f"p99 {s['p99_ms_first']} ms in the first minute, {s['p99_ms_last']} ms in the last "
+            f"(RSS {s.get('rss_mb_start')} MB -> {s.get('rss_mb_end')} MB).\n\n"
         )
+        if s.get("series"):
+            cols = ["minute", "requests", "errors", "p50_ms", "p99_ms", "rss_mb"]
+            text += "Per minute:\n\n" + md_table(s["series"], cols)
     return text
 
 
@@ -272,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
         if "soak" in parts:
             payload["soak"] = run_soak(args.bundle, work, args.minutes, args.capacity_seconds)
     path = write_result(args.name, payload, markdown(payload), args.results)
+    if payload.get("soak", {}).get("series"):
+        soak_plot(payload["soak"], args.results / f"{args.name}.png")
     print(f"wrote {path}")
 
 
