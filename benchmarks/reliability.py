@@ -208,7 +208,7 @@ class _Paced:
 
 def soak_series(
     results: list[tuple[float, float, bool]], rss: list[tuple[float, int]], window_s: float
-) -> list[dict[str, float]]:
+) -> list[dict[str, float | None]]:
     """Per window of `window_s` seconds (by scheduled start): requests, errors, p50 and p99
     latency (ms) and the last RSS sample (MB) in it."""
     if not results:
