@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import tempfile
 import time
@@ -304,11 +305,33 @@ def soak_plot(soak: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+PARTS = ("fuzz", "faults", "soak")
+
+
+def keep_earlier(payload: dict[str, Any], parts: set[str], earlier: Path) -> dict[str, Any]:
+    """The report of the `parts` run now, plus the other parts of an earlier report at the same
+    path as they were; `parts` maps each part to the commit that measured it."""
+    payload["parts"] = {p: payload["commit"] for p in sorted(parts)}
+    if earlier.exists():
+        old = json.loads(earlier.read_text())
+        for p in sorted(set(PARTS) - parts):
+            if p in old:
+                payload[p] = old[p]
+                payload["parts"][p] = old.get("parts", {}).get(p, old.get("commit"))
+    return payload
+
+
 # ---- report ------------------------------------------------------------------------------------
 
 
 def markdown(payload: dict[str, Any]) -> str:
     text = md_header("Reliability", payload)
+    if payload.get("parts"):
+        text += (
+            "Measured at: "
+            + ", ".join(f"{p} `{c[:12]}`" for p, c in payload["parts"].items() if c)
+            + ".\n\n"
+        )
     if "fuzz" in payload:
         f = payload["fuzz"]
         text += (
@@ -352,10 +375,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    unknown = parts - {"fuzz", "faults", "soak"}
+    unknown = parts - set(PARTS)
     if unknown:
         parser.error(f"unknown --parts {sorted(unknown)}; choose among fuzz, faults, soak")
-    payload = header()
+    payload = keep_earlier(header(), parts, args.results / f"{args.name}.json")
     with tempfile.TemporaryDirectory(prefix="letterrec-reliability-") as tmp:
         work = Path(tmp)
         if "fuzz" in parts:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from benchmarks import reliability
 
 
@@ -45,3 +47,18 @@ def test_series_windows_errors_percentiles_and_memory(tmp_path) -> None:
 
 def test_series_of_nothing_is_empty() -> None:
     assert reliability.soak_series([], [], 60.0) == []
+
+
+def test_a_partial_run_keeps_the_other_parts_of_the_report(tmp_path) -> None:
+    earlier = tmp_path / "reliability-cpu.json"
+    fuzz = {"cases": 2308, "server_errors": 0, "schema_violations": 0}
+    earlier.write_text(
+        json.dumps({"commit": "aaa", "fuzz": fuzz, "faults": [], "soak": {"minutes": 1}})
+    )
+    payload = reliability.keep_earlier({"commit": "bbb"}, {"soak"}, earlier)
+    assert payload["fuzz"] == fuzz and payload["faults"] == []
+    assert "soak" not in payload  # the part run now is filled in by the run
+    assert payload["parts"] == {"soak": "bbb", "fuzz": "aaa", "faults": "aaa"}
+    # no earlier report: only what runs now
+    fresh = reliability.keep_earlier({"commit": "ccc"}, {"fuzz"}, tmp_path / "none.json")
+    assert fresh == {"commit": "ccc", "parts": {"fuzz": "ccc"}}
