@@ -12,6 +12,12 @@ LABEL=DIR` adds that bundle's plain LETTER row under LABEL (ablations such as `T
 `+diversity`, or recipes compared on validation). Validation figures: the recommender's from its
 training (a fixed subset of validation users) and its mode fit (stages/mode.json); SASRec's
 from its training; popularity and recent history computed here on the full validation split.
+
+    python -m benchmarks.report --name ml-100k --add "LETTER-LC-Rec=runs/ml-llm"
+
+adds a bundle's plain LETTER row to the existing report without its first bundle, after checking
+that the bundle is on the same split (dataset fingerprint, history length, and the split-only
+rows Popularity and Recent history equal); the row records its bundle and commit.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -87,65 +94,102 @@ def differences(rows: list[dict[str, Any]], a: str, b: str) -> dict[str, Any] | 
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--bundle", type=Path, required=True, help="the reported recipe's bundle")
-    ap.add_argument("--variant", action="append", default=[], help="LABEL=DIR, repeatable")
-    ap.add_argument("--name", required=True, help="files quality-NAME.*")
-    ap.add_argument("--notes", default="", help="markdown appended to the report")
-    ap.add_argument("--results", type=Path, default=RESULTS)
-    args = ap.parse_args()
+COMPARISONS = [
+    ("LETTER", "SASRec"),
+    ("LETTER repeat-aware", "SASRec"),
+    ("LETTER repeat-aware", "Recent history"),
+    ("LETTER history excluded", "SASRec"),
+]
 
-    manifest = _json(args.bundle / "manifest.json")
-    cfg: PipelineConfig = _from_dict(PipelineConfig, manifest["config"])
-    data = _json(args.bundle / "stages" / "data.json")
-    ds = load_dataset(data["source"])
-    split = leave_one_out(ds, cfg.max_history)
-    valid = {
-        "popularity": evaluate_popularity(split.train, split.valid, ds.n_items),
-        "recent": evaluate_recent(split.train, split.valid, ds.n_items, cfg.max_history),
-    }
-    rows = rows_of(args.bundle, valid)
-    for spec in args.variant:
+
+def comparisons_of(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [c for a, b in COMPARISONS if (c := differences(rows, a, b)) is not None]
+
+
+SPLIT_ROWS = ("Popularity", "Recent history")
+"""Rows that depend on the split alone: equal in two reports only if their splits are."""
+
+
+def add_variants(payload: dict[str, Any], variants: list[str]) -> dict[str, Any]:
+    """`payload` (an existing report) with each LABEL=DIR bundle's plain LETTER row added (or
+    replaced) under LABEL, without the report's own bundle: the variant's dataset must be the
+    report's (same fingerprint and history length) and its split rows must equal the report's,
+    so the new row is on the same test users. Each added row records its bundle and commit."""
+    commit = header()["commit"]
+    rows = list(payload["rows"])
+    for spec in variants:
         label, _, path = spec.partition("=")
-        vrows = rows_of(Path(path), valid)
+        bundle = Path(path)
+        data = _json(bundle / "stages" / "data.json")
+        if data.get("fingerprint") != payload["dataset"].get("fingerprint"):
+            raise ValueError(
+                f"{bundle}: dataset {data.get('name')} ({data.get('fingerprint')}) is not the "
+                f"report's {payload['dataset'].get('name')} ({payload['dataset'].get('fingerprint')})"
+            )
+        history = _json(bundle / "manifest.json")["config"].get("max_history")
+        if history != payload["config"].get("max_history"):
+            raise ValueError(
+                f"{bundle}: max_history {history} differs from the report's "
+                f"{payload['config'].get('max_history')}: not the same split"
+            )
+        vrows = rows_of(bundle, {"popularity": {}, "recent": {}})
+        for name in SPLIT_ROWS:
+            mine = next((r for r in vrows if r["model"] == name), None)
+            theirs = next((r for r in rows if r["model"] == name), None)
+            if (
+                mine
+                and theirs
+                and (mine["recall@10"], mine["ndcg@10"])
+                != (
+                    theirs["recall@10"],
+                    theirs["ndcg@10"],
+                )
+            ):
+                raise ValueError(
+                    f"{bundle}: its {name} row differs from the report's: not the same split"
+                )
         plain = next(r for r in vrows if r["model"] == "LETTER")
-        rows.append({**plain, "model": label})
-    lm = _json(args.bundle / "stages" / "lm.json")
-    comparisons = [
-        c
-        for a, b in [
-            ("LETTER", "SASRec"),
-            ("LETTER repeat-aware", "SASRec"),
-            ("LETTER repeat-aware", "Recent history"),
-            ("LETTER history excluded", "SASRec"),
-        ]
-        if (c := differences(rows, a, b)) is not None
-    ]
-    payload = {
-        **header(),
-        "dataset": data,
-        "rows": rows,
-        "comparisons": comparisons,
-        "recommend": manifest.get("recommend", {}),
-        "train_seconds": lm["train_seconds"],
-        "eval_seconds": next(r for r in rows if r["model"] == "LETTER")["eval_seconds"],
-        "config": manifest["config"],
-        "histories": {"LETTER": lm["history"]},
-        "paper": {k: dict(zip(METRICS, v, strict=True)) for k, v in PAPER_YELP.items()}
-        if "yelp" in data["name"].lower()
-        else None,
-    }
+        row = {**plain, "model": label, "bundle": str(bundle), "commit": commit}
+        rows = [r for r in rows if r["model"] != label] + [row]
+    return {**payload, "rows": rows, "comparisons": comparisons_of(rows)}
+
+
+def notes_of(command: str) -> str:
+    """The --notes of a report's recorded command (reports written before notes were kept)."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return ""
+    return words[words.index("--notes") + 1] if "--notes" in words[:-1] else ""
+
+
+def render(payload: dict[str, Any]) -> str:
+    """The report's markdown."""
+    rows, comparisons = payload["rows"], payload["comparisons"]
+    data = payload["dataset"]
+    test_users = payload.get("test_users", data.get("users", 0))
     md = md_header(
         f"Recommendation quality on {data['name']} (leave-one-out test, full ranking)", payload
     )
     md += (
-        f"{len(split.test):,} test users. Standard errors (se_) by bootstrap over users (1,000 "
+        f"{test_users:,} test users. Standard errors (se_) by bootstrap over users (1,000 "
         "resamples); a difference smaller than about two of them is noise. Validation: "
         "valid_ columns (the recommender's on its mode-fit subset of validation users).\n\n"
     )
+    for a in payload.get("additions", []):
+        md += f"- rows added by: `{a['command']}` (commit `{a['commit']}`, {a['created_at']})\n"
+    if payload.get("additions"):
+        md += "\n"
+    added = [r for r in rows if "commit" in r]
+    if added:
+        md += (
+            "Added later from bundles of their own on the same split (its Popularity and Recent "
+            "history rows equal these): "
+            + "; ".join(
+                f"{r['model']} (`{r['bundle']}`, commit `{r['commit'][:12]}`)" for r in added
+            )
+            + ".\n\n"
+        )
     md += md_table(
         rows,
         [
@@ -193,11 +237,91 @@ def main() -> None:
         f"\nRecommender training {payload['train_seconds']:.0f} s; evaluation of the test users "
         f"{payload['eval_seconds']:.0f} s.\n"
     )
-    if args.notes:
-        md += "\n## Notes\n\n" + args.notes + "\n"
-    out = write_result(f"quality-{args.name}", payload, md, args.results)
-    plot(rows, lm["history"], out.with_suffix(".png"))
+    if payload.get("notes"):
+        md += "\n## Notes\n\n" + payload["notes"] + "\n"
+    return md
+
+
+def write(payload: dict[str, Any], name: str, results: Path) -> Path:
+    out = write_result(f"quality-{name}", payload, render(payload), results)
+    plot(payload["rows"], payload["histories"]["LETTER"], out.with_suffix(".png"))
     print(out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--bundle", type=Path, help="the reported recipe's bundle")
+    ap.add_argument("--variant", action="append", default=[], help="LABEL=DIR, repeatable")
+    ap.add_argument(
+        "--add",
+        action="append",
+        default=[],
+        help="LABEL=DIR, repeatable: add that bundle's plain LETTER row to the existing report "
+        "quality-NAME.json (same dataset and split, checked) without its --bundle",
+    )
+    ap.add_argument("--name", required=True, help="files quality-NAME.*")
+    ap.add_argument("--notes", default="", help="markdown appended to the report")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    if args.add:
+        if args.bundle or args.variant:
+            ap.error("--add extends an existing report: give it without --bundle and --variant")
+        existing = args.results / f"quality-{args.name}.json"
+        if not existing.exists():
+            ap.error(f"--add: no report {existing} to add to")
+        payload = _json(existing)
+        payload.setdefault("notes", notes_of(payload.get("command", "")))
+        try:
+            payload = add_variants(payload, args.add)
+        except (ValueError, FileNotFoundError) as e:
+            ap.error(str(e))
+        now = header()
+        payload.setdefault("additions", []).append(
+            {k: now[k] for k in ("command", "commit", "created_at")}
+        )
+        if args.notes:
+            payload["notes"] = (payload["notes"] + "\n" + args.notes).strip()
+        write(payload, args.name, args.results)
+        return
+    if args.bundle is None:
+        ap.error("--bundle is required (or --add to extend an existing report)")
+
+    manifest = _json(args.bundle / "manifest.json")
+    cfg: PipelineConfig = _from_dict(PipelineConfig, manifest["config"])
+    data = _json(args.bundle / "stages" / "data.json")
+    ds = load_dataset(data["source"])
+    split = leave_one_out(ds, cfg.max_history)
+    valid = {
+        "popularity": evaluate_popularity(split.train, split.valid, ds.n_items),
+        "recent": evaluate_recent(split.train, split.valid, ds.n_items, cfg.max_history),
+    }
+    rows = rows_of(args.bundle, valid)
+    for spec in args.variant:
+        label, _, path = spec.partition("=")
+        vrows = rows_of(Path(path), valid)
+        plain = next(r for r in vrows if r["model"] == "LETTER")
+        rows.append({**plain, "model": label})
+    lm = _json(args.bundle / "stages" / "lm.json")
+    payload = {
+        **header(),
+        "dataset": data,
+        "test_users": len(split.test),
+        "rows": rows,
+        "comparisons": comparisons_of(rows),
+        "recommend": manifest.get("recommend", {}),
+        "train_seconds": lm["train_seconds"],
+        "eval_seconds": next(r for r in rows if r["model"] == "LETTER")["eval_seconds"],
+        "config": manifest["config"],
+        "histories": {"LETTER": lm["history"]},
+        "paper": {k: dict(zip(METRICS, v, strict=True)) for k, v in PAPER_YELP.items()}
+        if "yelp" in data["name"].lower()
+        else None,
+        "notes": args.notes,
+    }
+    write(payload, args.name, args.results)
 
 
 def plot(rows: list[dict[str, Any]], history: list[dict[str, float]], path: Path) -> None:
