@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -356,7 +357,7 @@ def trie_stats(
     grown = rss_mb() - before
     fresh = fresh_codes(codes, vocab, n_adds * 2, seed=99)
     probe = ItemTrie.from_bytes(trie.to_bytes())  # time adds on a copy; keep the measured trie
-    add_ms = []
+    add_ms: list[float] = []
     for row in fresh.tolist():
         if len(add_ms) == n_adds:
             break
@@ -382,7 +383,7 @@ def trie_stats(
 def build_engine(name: str, grid: Grid, dtype: str, args, decoder: str = "") -> DecodeEngine:
     if name == "reference":
         return ReferenceEngine(grid.model_dir, grid.vocab, dtype, args.beam)
-    cls = load_engine_class(name)
+    cls: Callable[..., DecodeEngine] = load_engine_class(name)  # each engine's own signature
     max_batch = max(max(b) for b in grid.batches.values())
     extra = {"decoder": decoder} if decoder else {}
     return cls(
@@ -729,7 +730,7 @@ def make_llm(out: Path) -> Path:
     cfg = tiny_llama_config(LLM_VOCAB, hidden=1024, layers=24, heads=16, init_std=0.02)
     cfg.intermediate_size = 4096
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(torch.float32)
+    model = LlamaForCausalLM(cfg).float()
     log.info("LLM parameters: %.0fM", sum(p.numel() for p in model.parameters()) / 1e6)
     model.save_pretrained(out)
     return out

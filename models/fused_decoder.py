@@ -25,6 +25,7 @@ one against it (and both against HF `generate`) on random models.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -360,6 +361,12 @@ class FusedDecoder:
             return self.qkv0[ids]
         return ly.qkv(_rms_scale(h, ly.eps1))
 
+    @property
+    def _lib(self) -> ctypes.CDLL:
+        """The native kernels (the native paths run only when they loaded)."""
+        assert self.native is not None
+        return self.native
+
     def _qkv_native(
         self, ly: _Layer, h: torch.Tensor, ids: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -367,12 +374,12 @@ class FusedDecoder:
         the attention kernel scales the rows it reads instead of a normalised copy of h."""
         if (ids is not None and self.qkv0 is not None) or ly.qkv.bias is not None:
             return self._qkv_raw(ly, h, ids), None  # a bias does not commute with the scale
-        return ly.qkv(h), native.row_rms(self.native, h, ly.eps1)
+        return ly.qkv(h), native.row_rms(self._lib, h, ly.eps1)
 
     def _out_mlp_native(self, ly: _Layer, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """`_out_mlp` with the norm's row scale and SiLU-times-up fused into one C pass."""
         h = ly.o.add(h, o)
-        act = native.silu_mul(self.native, ly.gu(h), native.row_rms(self.native, h, ly.eps2))
+        act = native.silu_mul(self._lib, ly.gu(h), native.row_rms(self._lib, h, ly.eps2))
         return ly.down.add(h, act)
 
     def _prefill_native(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, _FusedState]:
@@ -393,7 +400,7 @@ class FusedDecoder:
             last = i == n_layers - 1
             o = h.new_empty(b if last else b * p, hd)
             native.prefill_attention(
-                self.native, qkv, scale, rope, lengths, kt, v, o, self.n_heads, last
+                self._lib, qkv, scale, rope, lengths, kt, v, o, self.n_heads, last
             )
             state.prefix_k.append(kt)
             state.prefix_v.append(v)
@@ -430,7 +437,7 @@ class FusedDecoder:
         for i, ly in enumerate(self.layers):
             qkv, scale = self._qkv_native(ly, h, ids if i == 0 else None)
             native.beam_step_attention(
-                self.native,
+                self._lib,
                 qkv,
                 scale,
                 rope,

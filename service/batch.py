@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -193,7 +193,7 @@ def read_users_parquet(path: Path) -> pa.Table:
     return users_table(table.column("user_id").to_pylist(), table.column("history").to_pylist())
 
 
-def users_table(user_ids: list[Any], histories: list[list[Any] | None]) -> pa.Table:
+def users_table(user_ids: Sequence[Any], histories: Sequence[list[Any] | None]) -> pa.Table:
     """USERS_SCHEMA table; ids as strings (as /recommend receives them)."""
     if len(set(user_ids)) != len(user_ids):
         raise BatchError("user_id values must be unique (each user gets one list)")

@@ -105,10 +105,14 @@ class RecommendedItem(BaseModel):
     teams track how often new items are shown."""
 
 
+Mode = Literal["plain", "exclude_history", "repeat"]
+MODES: tuple[Mode, ...] = ("plain", "exclude_history", "repeat")
+
+
 class RecommendResponse(BaseModel):
     items: list[RecommendedItem]
     model_version: str
-    mode: Literal["plain", "exclude_history", "repeat"] = "plain"
+    mode: Mode = "plain"
     """How this answer was made: the plain beam search, with the history excluded inside the
     search, or repeat-aware."""
     ignored_history: list[str]

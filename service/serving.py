@@ -24,7 +24,9 @@ from service.batcher import MicroBatcher
 from service.engines.base import DecodeRequest, Recommendation
 from service.metrics import Metrics
 from service.schemas import (
+    MODES,
     BatchRecommendResponse,
+    Mode,
     RecommendedItem,
     RecommendRequest,
     RecommendResponse,
@@ -77,7 +79,7 @@ class InvalidRequest(ValueError):
 class RecommendDefaults:
     """The bundle's validation-chosen defaults (manifest `recommend`)."""
 
-    mode: str = "exclude_history"
+    mode: Mode = "exclude_history"
     prior: RepeatPrior | None = None
     new_item_bonus: float = 0.0
 
@@ -88,7 +90,10 @@ class RecommendDefaults:
             # Bundles without a fitted mode: history excluded, as always.
             return cls(new_item_bonus=bonus)
         prior = RepeatPrior.from_dict(recommend["repeat_prior"])
-        return cls(mode=str(recommend.get("mode", "plain")), prior=prior, new_item_bonus=bonus)
+        mode = recommend.get("mode", "plain")
+        if mode not in MODES:
+            raise ValueError(f"manifest recommend.mode: {mode!r} is not one of {list(MODES)}")
+        return cls(mode=mode, prior=prior, new_item_bonus=bonus)
 
 
 class ServingRecommend:
@@ -108,7 +113,7 @@ class ServingRecommend:
         self.timeout_s = timeout_s
         self.defaults = defaults or RecommendDefaults()
 
-    def mode(self, req: RecommendRequest) -> str:
+    def mode(self, req: RecommendRequest) -> Mode:
         """The request's mode: its explicit options win over the bundle's default."""
         if req.repeat and req.exclude_history:
             raise InvalidRequest(
@@ -160,7 +165,7 @@ class ServingRecommend:
         return decode, ignored
 
     def respond(
-        self, recs: Sequence[Recommendation], ignored: list[str], mode: str = "plain"
+        self, recs: Sequence[Recommendation], ignored: list[str], mode: Mode = "plain"
     ) -> RecommendResponse:
         live = self.store.live
         items = []

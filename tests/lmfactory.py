@@ -65,7 +65,7 @@ def make_tiny_llama(
     out_dir = Path(out_dir)
     config = tiny_llama_config(vocab, hidden, layers, heads, kv_heads, init_std)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    model = LlamaForCausalLM(config).float().eval()
     model.generation_config = GenerationConfig(
         bos_token_id=vocab.bos_id, eos_token_id=vocab.eos_id, pad_token_id=vocab.pad_id
     )
@@ -98,7 +98,7 @@ def tiny_qwen2(vocab: CodeVocab, seed: int = 1, bias_std: float = 0.0) -> Qwen2F
                 attn = layer.self_attn
                 for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
                     proj.bias.normal_(0, bias_std)
-    return model.to(torch.float64).eval()
+    return model.double().eval()
 
 
 def random_catalogue(n_items: int, levels: int, codebook_size: int, seed: int) -> np.ndarray:

@@ -106,6 +106,7 @@ def stage_cf(ws: Workspace) -> dict[str, Any]:
     res = train_sasrec(ws.split(), ds.n_items, ws.cfg.cf, progress=ws.progress)
     ws.stages.mkdir(parents=True, exist_ok=True)
     np.save(ws.stages / "cf.npy", res.embeddings)
+    assert res.model is not None  # train_sasrec returns its best model
     save_sasrec(res.model, ws.stages / "sasrec.pt")
     summary = {
         "valid": res.valid,

@@ -131,3 +131,14 @@ def test_manifest_new_item_bonus_is_the_default(client: httpx.Client, repeat_bun
     assert default["items"][0]["score"] > NEW_ITEM_BONUS - 100
     off = post(client, history=history, k=10, new_item_bonus=0)
     assert all(it["score"] < NEW_ITEM_BONUS - 100 for it in off["items"])  # no bonus anywhere
+
+
+def test_the_manifest_mode_is_read_and_an_unknown_one_is_refused() -> None:
+    from service.serving import RecommendDefaults
+
+    fitted = {"repeat_prior": PRIOR.to_dict(), "mode": "repeat", "new_item_bonus": 1.5}
+    d = RecommendDefaults.from_manifest(fitted)
+    assert (d.mode, d.prior, d.new_item_bonus) == ("repeat", PRIOR, 1.5)
+    assert RecommendDefaults.from_manifest({}).mode == "exclude_history"
+    with pytest.raises(ValueError, match="recommend.mode: 'copy'"):
+        RecommendDefaults.from_manifest({**fitted, "mode": "copy"})
