@@ -5,9 +5,10 @@
 writes `benchmarks/results/<name>.{json,md}` with `fuzz` = {cases, server_errors,
 schema_violations}, `faults` = [{fault, requests, recommend_failures, tokenize_acknowledged,
 acknowledged_lost, converge_seconds}], `soak` = {minutes, requests, errors, rss_growth_pct,
-p99_ms_first, p99_ms_last}, plus command, commit, machine, created_at. Everything runs against
-real `letterrec serve` processes (benchmarks/faults.py, shared with tests/service/test_faults.py);
-`--parts` runs a subset (the others are then absent from the file).
+p99_ms_first, p99_ms_last, series (per minute)}, `memory` = {rss after /recommend alone and per
+/tokenize'd item}, plus command, commit, machine, created_at. Everything runs against real
+`letterrec serve` processes (benchmarks/faults.py, shared with tests/service/test_faults.py);
+`--parts` runs a subset and keeps the other parts of an existing report of the same name.
 """
 
 from __future__ import annotations
@@ -186,9 +187,11 @@ class _Paced:
             task.add_done_callback(self.pending.discard)
             i += 1
 
-    async def run(self, rate: float, tokenize_every_s: float, sample: Any, sample_s: float) -> None:
-        """Requests at `rate`/s and a /tokenize every `tokenize_every_s`; `sample()` is called
-        every `sample_s` seconds (memory over time)."""
+    async def run(
+        self, rate: float, tokenize_every_s: float | None, sample: Any, sample_s: float
+    ) -> None:
+        """Requests at `rate`/s and a /tokenize every `tokenize_every_s` (None: none);
+        `sample()` is called every `sample_s` seconds (memory over time)."""
 
         async def sampler() -> None:
             while time.monotonic() - self.start < self.seconds:
@@ -198,11 +201,10 @@ class _Paced:
         limits = httpx.Limits(max_connections=256)
         async with httpx.AsyncClient(timeout=60, limits=limits) as c:
             self.start = time.monotonic()
-            await asyncio.gather(
-                self.stream(c, 1.0 / rate, False),
-                self.stream(c, tokenize_every_s, True),
-                sampler(),
-            )
+            streams = [self.stream(c, 1.0 / rate, False), sampler()]
+            if tokenize_every_s is not None:
+                streams.append(self.stream(c, tokenize_every_s, True))
+            await asyncio.gather(*streams)
             while self.pending:
                 await asyncio.gather(*list(self.pending))
 
@@ -276,6 +278,55 @@ def run_soak(bundle: Path, workdir: Path, minutes: float, capacity_s: float) -> 
     }
 
 
+async def _tokenize_many(url: str, n: int, prefix: str) -> int:
+    """`n` items through /tokenize one call each, in sequence: how many were acknowledged."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    ok = 0
+    async with httpx.AsyncClient(timeout=60) as c:
+        for i in range(n):
+            item = {"item_id": f"{prefix}-{i}", "title": f"Memory test item {i}"}
+            r = await c.post(f"{url}/tokenize", json={"items": [item]}, headers=auth)
+            ok += 200 <= r.status_code < 300
+    return ok
+
+
+def run_memory(
+    bundle: Path, workdir: Path, seconds: float, items: int, capacity_s: float
+) -> dict[str, Any]:
+    """Where the soak's memory goes: resident memory (server and decode child) after a warm-up,
+    after `seconds` of /recommend alone at 80% of capacity (flat if requests leak nothing), and
+    after `items` new items through /tokenize (the catalogue's own growth, per item)."""
+    from models.bundle import Bundle
+
+    item_ids = Bundle.load(bundle).catalogue.item_ids
+    cluster = Cluster(bundle, workdir / "memory", API_KEY, n=1)
+    replica = cluster.replicas[0]
+    try:
+        cluster.start()
+        proc = replica.proc
+        assert proc is not None
+        capacity = asyncio.run(_closed_loop(replica.url, 8, capacity_s))  # also the warm-up
+        warm = tree_rss_kb(proc.pid)
+        client = _Paced(replica.url, item_ids, seconds)
+        asyncio.run(client.run(0.8 * capacity, None, lambda t: None, seconds))
+        served = tree_rss_kb(proc.pid)
+        acknowledged = asyncio.run(_tokenize_many(replica.url, items, "memory"))
+        grown = tree_rss_kb(proc.pid)
+    finally:
+        cluster.close()
+    return {
+        "recommend_seconds": seconds,
+        "recommend_requests": len(client.results),
+        "recommend_errors": sum(not ok for _, _, ok in client.results),
+        "rss_mb_warm": round(warm / 1024.0, 1),
+        "rss_mb_after_recommend": round(served / 1024.0, 1),
+        "recommend_growth_pct": round(100.0 * (served - warm) / max(1, warm), 2),
+        "tokenized_items": acknowledged,
+        "rss_mb_after_tokenize": round(grown / 1024.0, 1),
+        "kb_per_tokenized_item": round((grown - served) / max(1, acknowledged), 1),
+    }
+
+
 def soak_plot(soak: dict[str, Any], path: Path) -> None:
     """Latency (p50, p99) and resident memory per minute of the soak."""
     import matplotlib
@@ -305,7 +356,7 @@ def soak_plot(soak: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-PARTS = ("fuzz", "faults", "soak")
+PARTS = ("fuzz", "faults", "soak", "memory")
 
 
 def keep_earlier(payload: dict[str, Any], parts: set[str], earlier: Path) -> dict[str, Any]:
@@ -360,6 +411,26 @@ def markdown(payload: dict[str, Any]) -> str:
         if s.get("series"):
             cols = ["minute", "requests", "errors", "p50_ms", "p99_ms", "rss_mb"]
             text += "Per minute:\n\n" + md_table(s["series"], cols)
+    if "memory" in payload:
+        m = payload["memory"]
+        text += (
+            f"\n## Where the memory goes\n\nAfter a warm-up the server and its decode child hold "
+            f"{m['rss_mb_warm']} MB; {m['recommend_seconds']:g} s of /recommend alone "
+            f"({m['recommend_requests']} requests, {m['recommend_errors']} errors) leave "
+            f"{m['rss_mb_after_recommend']} MB ({m['recommend_growth_pct']:+}%); then "
+            f"{m['tokenized_items']} new items through /tokenize add "
+            f"{m['kb_per_tokenized_item']} KB each ({m['rss_mb_after_tokenize']} MB): the "
+            "catalogue's own growth (text, embedding, codes, trie, in the server and the decode "
+            "child).\n"
+        )
+        soak = payload.get("soak")
+        if soak and soak.get("tokenize_acknowledged"):
+            expected = soak["tokenize_acknowledged"] * m["kb_per_tokenized_item"] / 1024.0
+            grown = soak["rss_mb_end"] - soak["rss_mb_start"]
+            text += (
+                f"\nThe soak's {soak['tokenize_acknowledged']} new items account for "
+                f"{expected:.1f} MB of its {grown:.1f} MB growth.\n"
+            )
     return text
 
 
@@ -369,7 +440,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=30.0, help="soak duration")
     parser.add_argument("--capacity-seconds", type=float, default=20.0)
     parser.add_argument("--fuzz-examples", type=int, default=200, help="per operation and run")
-    parser.add_argument("--parts", default="fuzz,faults,soak")
+    parser.add_argument("--memory-seconds", type=float, default=120.0)
+    parser.add_argument("--memory-items", type=int, default=1000)
+    parser.add_argument("--parts", default="fuzz,faults,soak,memory")
     parser.add_argument("--name", default="reliability-cpu")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -378,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     unknown = parts - set(PARTS)
     if unknown:
-        parser.error(f"unknown --parts {sorted(unknown)}; choose among fuzz, faults, soak")
+        parser.error(f"unknown --parts {sorted(unknown)}; choose among {', '.join(PARTS)}")
     payload = keep_earlier(header(), parts, args.results / f"{args.name}.json")
     with tempfile.TemporaryDirectory(prefix="letterrec-reliability-") as tmp:
         work = Path(tmp)
@@ -388,6 +461,10 @@ def main(argv: list[str] | None = None) -> None:
             payload["faults"] = run_faults(args.bundle, work)
         if "soak" in parts:
             payload["soak"] = run_soak(args.bundle, work, args.minutes, args.capacity_seconds)
+        if "memory" in parts:
+            payload["memory"] = run_memory(
+                args.bundle, work, args.memory_seconds, args.memory_items, args.capacity_seconds
+            )
     path = write_result(args.name, payload, markdown(payload), args.results)
     if payload.get("soak", {}).get("series"):
         soak_plot(payload["soak"], args.results / f"{args.name}.png")
