@@ -359,16 +359,31 @@ def soak_plot(soak: dict[str, Any], path: Path) -> None:
 PARTS = ("fuzz", "faults", "soak", "memory")
 
 
+def _provenance(report: dict[str, Any]) -> dict[str, Any]:
+    m = report.get("machine", {})
+    where = m.get("gpu") or f"{m.get('cpus')} x {m.get('cpu_model')}"
+    flags = ", ".join(m.get("cpu_flags") or []) or "none"
+    return {
+        "commit": report.get("commit"),
+        "command": report.get("command"),
+        "created_at": report.get("created_at"),
+        "machine": f"{where} ({flags})",
+    }
+
+
 def keep_earlier(payload: dict[str, Any], parts: set[str], earlier: Path) -> dict[str, Any]:
     """The report of the `parts` run now, plus the other parts of an earlier report at the same
-    path as they were; `parts` maps each part to the commit that measured it."""
-    payload["parts"] = {p: payload["commit"] for p in sorted(parts)}
+    path as they were; `parts` maps each part to the commit, command, time and machine that
+    measured it."""
+    now = _provenance(payload)
+    payload["parts"] = {p: now for p in sorted(parts)}
     if earlier.exists():
         old = json.loads(earlier.read_text())
         for p in sorted(set(PARTS) - parts):
             if p in old:
                 payload[p] = old[p]
-                payload["parts"][p] = old.get("parts", {}).get(p, old.get("commit"))
+                kept = old.get("parts", {}).get(p)
+                payload["parts"][p] = kept if isinstance(kept, dict) else _provenance(old)
     return payload
 
 
@@ -378,11 +393,14 @@ def keep_earlier(payload: dict[str, Any], parts: set[str], earlier: Path) -> dic
 def markdown(payload: dict[str, Any]) -> str:
     text = md_header("Reliability", payload)
     if payload.get("parts"):
-        text += (
-            "Measured at: "
-            + ", ".join(f"{p} `{c[:12]}`" for p, c in payload["parts"].items() if c)
-            + ".\n\n"
+        text += "Each part, as measured:\n\n" + md_table(
+            [
+                {"part": p, **{k: v or "" for k, v in prov.items()}}
+                for p, prov in payload["parts"].items()
+            ],
+            ["part", "command", "commit", "created_at", "machine"],
         )
+        text += "\n"
     if "fuzz" in payload:
         f = payload["fuzz"]
         text += (
@@ -431,6 +449,8 @@ def markdown(payload: dict[str, Any]) -> str:
                 f"\nThe soak's {soak['tokenize_acknowledged']} new items account for "
                 f"{expected:.1f} MB of its {grown:.1f} MB growth.\n"
             )
+    if payload.get("notes"):
+        text += "\n## Notes\n\n" + payload["notes"] + "\n"
     return text
 
 
@@ -444,6 +464,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-items", type=int, default=1000)
     parser.add_argument("--parts", default="fuzz,faults,soak,memory")
     parser.add_argument("--name", default="reliability-cpu")
+    parser.add_argument("--notes", default="", help="markdown appended to the report")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -453,6 +474,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown --parts {sorted(unknown)}; choose among {', '.join(PARTS)}")
     payload = keep_earlier(header(), parts, args.results / f"{args.name}.json")
+    if args.notes:
+        payload["notes"] = args.notes
     with tempfile.TemporaryDirectory(prefix="letterrec-reliability-") as tmp:
         work = Path(tmp)
         if "fuzz" in parts:

@@ -52,13 +52,27 @@ def test_series_of_nothing_is_empty() -> None:
 def test_a_partial_run_keeps_the_other_parts_of_the_report(tmp_path) -> None:
     earlier = tmp_path / "reliability-cpu.json"
     fuzz = {"cases": 2308, "server_errors": 0, "schema_violations": 0}
-    earlier.write_text(
-        json.dumps({"commit": "aaa", "fuzz": fuzz, "faults": [], "soak": {"minutes": 1}})
-    )
-    payload = reliability.keep_earlier({"commit": "bbb"}, {"soak"}, earlier)
+    machine = {"cpus": 2, "cpu_model": "AMD EPYC", "cpu_flags": ["avx2"]}
+    old = {"commit": "aaa", "command": "x --parts fuzz,faults", "created_at": "t0"}
+    earlier.write_text(json.dumps({**old, "machine": machine, "fuzz": fuzz, "faults": []}))
+    now = {"commit": "bbb", "command": "x --parts soak", "created_at": "t1", "machine": machine}
+    payload = reliability.keep_earlier(now, {"soak"}, earlier)
     assert payload["fuzz"] == fuzz and payload["faults"] == []
     assert "soak" not in payload  # the part run now is filled in by the run
-    assert payload["parts"] == {"soak": "bbb", "fuzz": "aaa", "faults": "aaa"}
+    assert payload["parts"]["soak"]["commit"] == "bbb"
+    assert payload["parts"]["fuzz"] == {**old, "machine": "2 x AMD EPYC (avx2)"}
+    # a third run keeps the provenance recorded by the second
+    payload["soak"] = {"minutes": 1}
+    earlier.write_text(json.dumps(payload))
+    third = {**now, "commit": "ccc", "command": "x --parts memory"}
+    again = reliability.keep_earlier(third, {"memory"}, earlier)
+    assert [again["parts"][p]["commit"] for p in ("fuzz", "soak", "memory")] == [
+        "aaa",
+        "bbb",
+        "ccc",
+    ]
+    text = reliability.markdown({k: v for k, v in again.items() if k != "soak"})
+    assert "| soak | x --parts soak | bbb | t1 | 2 x AMD EPYC (avx2) |" in text
     # no earlier report: only what runs now
-    fresh = reliability.keep_earlier({"commit": "ccc"}, {"fuzz"}, tmp_path / "none.json")
-    assert fresh == {"commit": "ccc", "parts": {"fuzz": "ccc"}}
+    fresh = reliability.keep_earlier(dict(third), {"fuzz"}, tmp_path / "none.json")
+    assert set(fresh["parts"]) == {"fuzz"}
