@@ -290,11 +290,16 @@ async def _tokenize_many(url: str, n: int, prefix: str) -> int:
     return ok
 
 
+WARM_ITEMS = 50
+"""Items tokenized before memory is measured: the first calls' one-time allocations (the text
+encoder's buffers) are not a per-item cost."""
+
+
 def run_memory(
     bundle: Path, workdir: Path, seconds: float, items: int, capacity_s: float
 ) -> dict[str, Any]:
-    """Where the soak's memory goes: resident memory (server and decode child) after a warm-up,
-    after `seconds` of /recommend alone at 80% of capacity (flat if requests leak nothing), and
+    """Where the soak's memory goes: resident memory (server and decode child) after a warm-up
+    of both routes, after `seconds` of /recommend alone at 80% of capacity (flat if requests leak nothing), and
     after `items` new items through /tokenize (the catalogue's own growth, per item)."""
     from models.bundle import Bundle
 
@@ -306,6 +311,7 @@ def run_memory(
         proc = replica.proc
         assert proc is not None
         capacity = asyncio.run(_closed_loop(replica.url, 8, capacity_s))  # also the warm-up
+        asyncio.run(_tokenize_many(replica.url, WARM_ITEMS, "warm-up"))  # /tokenize's own
         warm = tree_rss_kb(proc.pid)
         client = _Paced(replica.url, item_ids, seconds)
         asyncio.run(client.run(0.8 * capacity, None, lambda t: None, seconds))
@@ -432,7 +438,8 @@ def markdown(payload: dict[str, Any]) -> str:
     if "memory" in payload:
         m = payload["memory"]
         text += (
-            f"\n## Where the memory goes\n\nAfter a warm-up the server and its decode child hold "
+            f"\n## Where the memory goes\n\nAfter a warm-up ({WARM_ITEMS} items through /tokenize "
+            "and a closed-loop burst of /recommend) the server and its decode child hold "
             f"{m['rss_mb_warm']} MB; {m['recommend_seconds']:g} s of /recommend alone "
             f"({m['recommend_requests']} requests, {m['recommend_errors']} errors) leave "
             f"{m['rss_mb_after_recommend']} MB ({m['recommend_growth_pct']:+}%); then "
