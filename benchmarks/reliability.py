@@ -278,29 +278,33 @@ def run_soak(bundle: Path, workdir: Path, minutes: float, capacity_s: float) -> 
     }
 
 
-async def _tokenize_many(url: str, n: int, prefix: str) -> int:
+def _memory_item(i: int, prefix: str) -> dict[str, str]:
+    """A test item whose text length varies with `i` (1 to 40 extra words): text of every
+    length, as a real catalogue has, so that shape-dependent caches show."""
+    return {"item_id": f"{prefix}-{i}", "title": f"Memory test item {i}" + " word" * (i % 40)}
+
+
+async def _tokenize_many(url: str, n: int, prefix: str, dry_run: bool = False) -> int:
     """`n` items through /tokenize one call each, in sequence: how many were acknowledged."""
     auth = {"Authorization": f"Bearer {API_KEY}"}
     ok = 0
     async with httpx.AsyncClient(timeout=60) as c:
         for i in range(n):
-            item = {"item_id": f"{prefix}-{i}", "title": f"Memory test item {i}"}
-            r = await c.post(f"{url}/tokenize", json={"items": [item]}, headers=auth)
+            body = {"items": [_memory_item(i, prefix)], "dry_run": dry_run}
+            r = await c.post(f"{url}/tokenize", json=body, headers=auth)
             ok += 200 <= r.status_code < 300
     return ok
-
-
-WARM_ITEMS = 50
-"""Items tokenized before memory is measured: the first calls' one-time allocations (the text
-encoder's buffers) are not a per-item cost."""
 
 
 def run_memory(
     bundle: Path, workdir: Path, seconds: float, items: int, capacity_s: float
 ) -> dict[str, Any]:
-    """Where the soak's memory goes: resident memory (server and decode child) after a warm-up
-    of both routes, after `seconds` of /recommend alone at 80% of capacity (flat if requests leak nothing), and
-    after `items` new items through /tokenize (the catalogue's own growth, per item)."""
+    """Where the soak's memory goes, on a fresh server: resident memory (server and decode
+    child) after a closed-loop warm-up of /recommend; after `seconds` of /recommend alone at
+    80% of capacity (flat if requests leak nothing); after `items` dry-run /tokenize calls of
+    texts of every length (encoded and planned, nothing stored: the text encoder's one-time,
+    shape-dependent caches); after `items` new items of the same texts (what storing an item
+    costs)."""
     from models.bundle import Bundle
 
     item_ids = Bundle.load(bundle).catalogue.item_ids
@@ -311,11 +315,12 @@ def run_memory(
         proc = replica.proc
         assert proc is not None
         capacity = asyncio.run(_closed_loop(replica.url, 8, capacity_s))  # also the warm-up
-        asyncio.run(_tokenize_many(replica.url, WARM_ITEMS, "warm-up"))  # /tokenize's own
         warm = tree_rss_kb(proc.pid)
         client = _Paced(replica.url, item_ids, seconds)
         asyncio.run(client.run(0.8 * capacity, None, lambda t: None, seconds))
         served = tree_rss_kb(proc.pid)
+        asyncio.run(_tokenize_many(replica.url, items, "memory", dry_run=True))
+        encoded = tree_rss_kb(proc.pid)
         acknowledged = asyncio.run(_tokenize_many(replica.url, items, "memory"))
         grown = tree_rss_kb(proc.pid)
     finally:
@@ -327,9 +332,11 @@ def run_memory(
         "rss_mb_warm": round(warm / 1024.0, 1),
         "rss_mb_after_recommend": round(served / 1024.0, 1),
         "recommend_growth_pct": round(100.0 * (served - warm) / max(1, warm), 2),
+        "dry_runs": items,
+        "rss_mb_after_dry_runs": round(encoded / 1024.0, 1),
         "tokenized_items": acknowledged,
         "rss_mb_after_tokenize": round(grown / 1024.0, 1),
-        "kb_per_tokenized_item": round((grown - served) / max(1, acknowledged), 1),
+        "kb_per_tokenized_item": round((grown - encoded) / max(1, acknowledged), 1),
     }
 
 
@@ -438,24 +445,17 @@ def markdown(payload: dict[str, Any]) -> str:
     if "memory" in payload:
         m = payload["memory"]
         text += (
-            f"\n## Where the memory goes\n\nAfter a warm-up ({WARM_ITEMS} items through /tokenize "
-            "and a closed-loop burst of /recommend) the server and its decode child hold "
-            f"{m['rss_mb_warm']} MB; {m['recommend_seconds']:g} s of /recommend alone "
-            f"({m['recommend_requests']} requests, {m['recommend_errors']} errors) leave "
-            f"{m['rss_mb_after_recommend']} MB ({m['recommend_growth_pct']:+}%); then "
-            f"{m['tokenized_items']} new items through /tokenize add "
-            f"{m['kb_per_tokenized_item']} KB each ({m['rss_mb_after_tokenize']} MB): the "
-            "catalogue's own growth (text, embedding, codes, trie, in the server and the decode "
-            "child).\n"
+            "\n## Where the memory goes\n\nOn a fresh server after a closed-loop warm-up of "
+            f"/recommend, the server and its decode child hold {m['rss_mb_warm']} MB; "
+            f"{m['recommend_seconds']:g} s of /recommend alone ({m['recommend_requests']} "
+            f"requests, {m['recommend_errors']} errors) leave {m['rss_mb_after_recommend']} MB "
+            f"({m['recommend_growth_pct']:+}%). {m['dry_runs']} dry-run /tokenize calls (texts of "
+            "1 to 40 extra words, encoded and planned, nothing stored) take it to "
+            f"{m['rss_mb_after_dry_runs']} MB: the text encoder's one-time caches, which depend "
+            f"on the text's length, not on the number of items. {m['tokenized_items']} new items "
+            f"of the same texts then add {m['kb_per_tokenized_item']} KB each "
+            f"({m['rss_mb_after_tokenize']} MB): what storing an item costs.\n"
         )
-        soak = payload.get("soak")
-        if soak and soak.get("tokenize_acknowledged"):
-            expected = soak["tokenize_acknowledged"] * m["kb_per_tokenized_item"] / 1024.0
-            grown = soak["rss_mb_end"] - soak["rss_mb_start"]
-            text += (
-                f"\nThe soak's {soak['tokenize_acknowledged']} new items account for "
-                f"{expected:.1f} MB of its {grown:.1f} MB growth.\n"
-            )
     if payload.get("notes"):
         text += "\n## Notes\n\n" + payload["notes"] + "\n"
     return text

@@ -41,6 +41,23 @@ def test_series_windows_errors_percentiles_and_memory(tmp_path) -> None:
         {"command": "x", "commit": "c", "machine": {}, "created_at": "t", "soak": soak}
     )
     assert "Per minute" in text and "| 2 | 50 | 0 | 500.0 | 500.0 | 120.0 |" in text
+    memory = {
+        "recommend_seconds": 120.0,
+        "recommend_requests": 3000,
+        "recommend_errors": 0,
+        "rss_mb_warm": 700.0,
+        "rss_mb_after_recommend": 700.1,
+        "recommend_growth_pct": 0.01,
+        "dry_runs": 1000,
+        "rss_mb_after_dry_runs": 725.0,
+        "tokenized_items": 1000,
+        "rss_mb_after_tokenize": 727.0,
+        "kb_per_tokenized_item": 2.0,
+    }
+    text = reliability.markdown(
+        {"command": "x", "commit": "c", "machine": {}, "created_at": "t", "memory": memory}
+    )
+    assert "leave 700.1 MB (+0.01%)" in text and "add 2.0 KB each (727.0 MB)" in text
     reliability.soak_plot(soak, tmp_path / "soak.png")
     assert (tmp_path / "soak.png").stat().st_size > 1000
 
