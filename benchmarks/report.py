@@ -177,7 +177,8 @@ def render(payload: dict[str, Any]) -> str:
         "valid_ columns (the recommender's on its mode-fit subset of validation users).\n\n"
     )
     for a in payload.get("additions", []):
-        md += f"- rows added by: `{a['command']}` (commit `{a['commit']}`, {a['created_at']})\n"
+        command = a["command"].replace(shlex.quote(notes_of(a["command"])), "'(see Notes)'")
+        md += f"- rows added by: `{command}` (commit `{a['commit']}`, {a['created_at']})\n"
     if payload.get("additions"):
         md += "\n"
     added = [r for r in rows if "commit" in r]
