@@ -28,3 +28,29 @@ def test_unknown_encoder_is_a_clear_error(tmp_path):
         resolve_encoder_path(str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="not a known alias"):
         TextEncoder("bert-base-uncased")  # hub names cannot be downloaded offline
+
+
+def test_inputs_are_padded_to_a_few_shapes_and_embeddings_do_not_change():
+    from models.text_encoder import PAD_MULTIPLE
+
+    enc = shared_encoder()
+    texts = ["word " * n for n in range(1, 60)]
+    shapes = []
+    model = enc._model
+    real = model.forward
+
+    def recording(*args, **kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        return real(*args, **kwargs)
+
+    model.forward = recording
+    try:
+        one_by_one = np.stack([enc.encode([t])[0] for t in texts])
+    finally:
+        model.forward = real
+    assert len(shapes) == len(texts)
+    lengths = {s[1] for s in shapes}
+    assert all(n % PAD_MULTIPLE == 0 for n in lengths) and len(lengths) <= 3
+    # the padding is masked: the same as the texts batched together, and unit norm
+    assert np.allclose(one_by_one, enc.encode(texts), atol=1e-5)
+    assert np.allclose(np.linalg.norm(one_by_one, axis=1), 1.0, atol=1e-5)
