@@ -451,8 +451,9 @@ def markdown(payload: dict[str, Any]) -> str:
             f"requests, {m['recommend_errors']} errors) leave {m['rss_mb_after_recommend']} MB "
             f"({m['recommend_growth_pct']:+}%). {m['dry_runs']} dry-run /tokenize calls (texts of "
             "1 to 40 extra words, encoded and planned, nothing stored) take it to "
-            f"{m['rss_mb_after_dry_runs']} MB: the text encoder's one-time caches, which depend "
-            f"on the text's length, not on the number of items. {m['tokenized_items']} new items "
+            f"{m['rss_mb_after_dry_runs']} MB: the /tokenize path's one-time allocations (the "
+            "text encoder's buffers and caches, its worker threads' memory), which do not grow "
+            f"with the number of items. {m['tokenized_items']} new items "
             f"of the same texts then add {m['kb_per_tokenized_item']} KB each "
             f"({m['rss_mb_after_tokenize']} MB): what storing an item costs.\n"
         )
