@@ -158,11 +158,17 @@ def header() -> dict[str, Any]:
     }
 
 
-def md_header(title: str, head: dict[str, Any]) -> str:
-    m = head["machine"]
+def machine_text(m: dict[str, Any]) -> tuple[str, str]:
+    """(where, CPU flags) of a `machine()` record, as reports print them."""
     where = m.get("gpu") or f"{m.get('cpus')} x {m.get('cpu_model')}"
     flags = m.get("cpu_flags")
     flags = "unknown" if flags is None else ", ".join(flags) or "none of " + ", ".join(SPEED_FLAGS)
+    return where, flags
+
+
+def md_header(title: str, head: dict[str, Any]) -> str:
+    m = head["machine"]
+    where, flags = machine_text(m)
     text = (
         f"# {title}\n\n"
         f"- command: `{head['command']}`\n"

@@ -19,18 +19,21 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 
-from benchmarks.common import RESULTS, header, md_header, md_table, write_result
+from benchmarks.common import RESULTS, header, machine_text, md_header, md_table, write_result
 from benchmarks.faults import SCENARIOS, Cluster, Replica, bad_bundle
 
 log = logging.getLogger("benchmarks.reliability")
 
 API_KEY = "reliability-benchmark-key-0123456789"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 # ---- fuzz ------------------------------------------------------------------------------------
@@ -80,7 +83,7 @@ def run_fuzz(bundle: Path, workdir: Path, examples: int) -> dict[str, int]:
     replica = Replica(bundle, None, env, workdir / "fuzz.log").start()
     try:
         replica.wait_ready()
-        keyed = fuzz(replica.url, examples, 1, {"Authorization": f"Bearer {API_KEY}"})
+        keyed = fuzz(replica.url, examples, 1, AUTH)
         unkeyed = fuzz(replica.url, examples, 2, None)
     finally:
         replica.stop()
@@ -169,8 +172,7 @@ class _Paced:
                 r = await c.post(f"{self.url}/recommend", json={"k": 10, "history": history})
             else:
                 item = {"item_id": f"soak-{tokenize}", "title": f"Soak test item {tokenize}"}
-                auth = {"Authorization": f"Bearer {API_KEY}"}
-                r = await c.post(f"{self.url}/tokenize", json={"items": [item]}, headers=auth)
+                r = await c.post(f"{self.url}/tokenize", json={"items": [item]}, headers=AUTH)
                 self.acknowledged += 200 <= r.status_code < 300
             ok = r.status_code < 400
         except httpx.HTTPError:
@@ -239,26 +241,36 @@ def soak_series(
     return rows
 
 
-def run_soak(bundle: Path, workdir: Path, minutes: float, capacity_s: float) -> dict[str, Any]:
+@contextmanager
+def _measured_replica(
+    bundle: Path, workdir: Path, capacity_s: float
+) -> Iterator[tuple[str, int, list[str], float]]:
+    """One replica (with its decode child and Redis) for the soak and memory parts: its URL,
+    server pid, the bundle's item ids and the closed-loop capacity (8 connections, also the
+    warm-up) measured first."""
     from models.bundle import Bundle
 
     item_ids = Bundle.load(bundle).catalogue.item_ids
-    cluster = Cluster(bundle, workdir / "soak", API_KEY, n=1)
+    cluster = Cluster(bundle, workdir, API_KEY, n=1)
     replica = cluster.replicas[0]
-    rss: list[tuple[float, int]] = []
     try:
         cluster.start()
-        proc = replica.proc
-        assert proc is not None
+        assert replica.proc is not None
         capacity = asyncio.run(_closed_loop(replica.url, 8, capacity_s))
-        rate = 0.8 * capacity
-        log.info("capacity %.1f requests/s; soaking at %.1f/s for %g min", capacity, rate, minutes)
-        rss_before = tree_rss_kb(proc.pid)
-        client = _Paced(replica.url, item_ids, minutes * 60.0)
-        asyncio.run(client.run(rate, 1.0, lambda t: rss.append((t, tree_rss_kb(proc.pid))), 10.0))
-        rss_after = tree_rss_kb(proc.pid)
+        yield replica.url, replica.proc.pid, item_ids, capacity
     finally:
         cluster.close()
+
+
+def run_soak(bundle: Path, workdir: Path, minutes: float, capacity_s: float) -> dict[str, Any]:
+    rss: list[tuple[float, int]] = []
+    with _measured_replica(bundle, workdir / "soak", capacity_s) as (url, pid, item_ids, capacity):
+        rate = 0.8 * capacity
+        log.info("capacity %.1f requests/s; soaking at %.1f/s for %g min", capacity, rate, minutes)
+        rss_before = tree_rss_kb(pid)
+        client = _Paced(url, item_ids, minutes * 60.0)
+        asyncio.run(client.run(rate, 1.0, lambda t: rss.append((t, tree_rss_kb(pid))), 10.0))
+        rss_after = tree_rss_kb(pid)
     results = client.results
     first = [lat for at, lat, _ in results if at < 60.0]
     last = [lat for at, lat, _ in results if at >= minutes * 60.0 - 60.0]
@@ -286,12 +298,11 @@ def _memory_item(i: int, prefix: str) -> dict[str, str]:
 
 async def _tokenize_many(url: str, n: int, prefix: str, dry_run: bool = False) -> int:
     """`n` items through /tokenize one call each, in sequence: how many were acknowledged."""
-    auth = {"Authorization": f"Bearer {API_KEY}"}
     ok = 0
     async with httpx.AsyncClient(timeout=60) as c:
         for i in range(n):
             body = {"items": [_memory_item(i, prefix)], "dry_run": dry_run}
-            r = await c.post(f"{url}/tokenize", json=body, headers=auth)
+            r = await c.post(f"{url}/tokenize", json=body, headers=AUTH)
             ok += 200 <= r.status_code < 300
     return ok
 
@@ -302,29 +313,18 @@ def run_memory(
     """Where the soak's memory goes, on a fresh server: resident memory (server and decode
     child) after a closed-loop warm-up of /recommend; after `seconds` of /recommend alone at
     80% of capacity (flat if requests leak nothing); after `items` dry-run /tokenize calls of
-    texts of every length (encoded and planned, nothing stored: the text encoder's one-time,
-    shape-dependent caches); after `items` new items of the same texts (what storing an item
+    texts of every length (encoded and planned, nothing stored: /tokenize's one-time
+    allocations); after `items` new items of the same texts (what storing an item
     costs)."""
-    from models.bundle import Bundle
-
-    item_ids = Bundle.load(bundle).catalogue.item_ids
-    cluster = Cluster(bundle, workdir / "memory", API_KEY, n=1)
-    replica = cluster.replicas[0]
-    try:
-        cluster.start()
-        proc = replica.proc
-        assert proc is not None
-        capacity = asyncio.run(_closed_loop(replica.url, 8, capacity_s))  # also the warm-up
-        warm = tree_rss_kb(proc.pid)
-        client = _Paced(replica.url, item_ids, seconds)
+    with _measured_replica(bundle, workdir / "memory", capacity_s) as (url, pid, ids, capacity):
+        warm = tree_rss_kb(pid)
+        client = _Paced(url, ids, seconds)
         asyncio.run(client.run(0.8 * capacity, None, lambda t: None, seconds))
-        served = tree_rss_kb(proc.pid)
-        asyncio.run(_tokenize_many(replica.url, items, "memory", dry_run=True))
-        encoded = tree_rss_kb(proc.pid)
-        acknowledged = asyncio.run(_tokenize_many(replica.url, items, "memory"))
-        grown = tree_rss_kb(proc.pid)
-    finally:
-        cluster.close()
+        served = tree_rss_kb(pid)
+        asyncio.run(_tokenize_many(url, items, "memory", dry_run=True))
+        encoded = tree_rss_kb(pid)
+        acknowledged = asyncio.run(_tokenize_many(url, items, "memory"))
+        grown = tree_rss_kb(pid)
     return {
         "recommend_seconds": seconds,
         "recommend_requests": len(client.results),
@@ -373,9 +373,7 @@ PARTS = ("fuzz", "faults", "soak", "memory")
 
 
 def _provenance(report: dict[str, Any]) -> dict[str, Any]:
-    m = report.get("machine", {})
-    where = m.get("gpu") or f"{m.get('cpus')} x {m.get('cpu_model')}"
-    flags = ", ".join(m.get("cpu_flags") or []) or "none"
+    where, flags = machine_text(report.get("machine", {}))
     return {
         "commit": report.get("commit"),
         "command": report.get("command"),

@@ -110,12 +110,11 @@ SPLIT_ROWS = ("Popularity", "Recent history")
 """Rows that depend on the split alone: equal in two reports only if their splits are."""
 
 
-def add_variants(payload: dict[str, Any], variants: list[str]) -> dict[str, Any]:
+def add_variants(payload: dict[str, Any], variants: list[str], commit: str) -> dict[str, Any]:
     """`payload` (an existing report) with each LABEL=DIR bundle's plain LETTER row added (or
     replaced) under LABEL, without the report's own bundle: the variant's dataset must be the
     report's (same fingerprint and history length) and its split rows must equal the report's,
-    so the new row is on the same test users. Each added row records its bundle and commit."""
-    commit = header()["commit"]
+    so the new row is on the same test users. Each added row records its bundle and `commit`."""
     rows = list(payload["rows"])
     for spec in variants:
         label, _, path = spec.partition("=")
@@ -136,15 +135,7 @@ def add_variants(payload: dict[str, Any], variants: list[str]) -> dict[str, Any]
         for name in SPLIT_ROWS:
             mine = next((r for r in vrows if r["model"] == name), None)
             theirs = next((r for r in rows if r["model"] == name), None)
-            if (
-                mine
-                and theirs
-                and (mine["recall@10"], mine["ndcg@10"])
-                != (
-                    theirs["recall@10"],
-                    theirs["ndcg@10"],
-                )
-            ):
+            if mine and theirs and any(mine[m] != theirs[m] for m in ("recall@10", "ndcg@10")):
                 raise ValueError(
                     f"{bundle}: its {name} row differs from the report's: not the same split"
                 )
@@ -275,11 +266,11 @@ def main() -> None:
             ap.error(f"--add: no report {existing} to add to")
         payload = _json(existing)
         payload.setdefault("notes", notes_of(payload.get("command", "")))
+        now = header()
         try:
-            payload = add_variants(payload, args.add)
+            payload = add_variants(payload, args.add, now["commit"])
         except (ValueError, FileNotFoundError) as e:
             ap.error(str(e))
-        now = header()
         payload.setdefault("additions", []).append(
             {k: now[k] for k in ("command", "commit", "created_at")}
         )

@@ -6,7 +6,6 @@ serving process never loads training code.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -406,10 +405,10 @@ def toy_llm(
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        heads = max(1, hidden // 32)
         cfg = ToyLLMConfig(
-            arch=arch, hidden=hidden, layers=layers, heads=max(1, hidden // 32), steps=steps
+            arch=arch, hidden=hidden, layers=layers, heads=heads, kv_heads=heads, steps=steps
         )
-        cfg = dataclasses.replace(cfg, kv_heads=cfg.heads)
         ds = load_dataset(data)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e

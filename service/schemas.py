@@ -11,7 +11,7 @@ whose `detail[].loc` names the field):
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -106,7 +106,7 @@ class RecommendedItem(BaseModel):
 
 
 Mode = Literal["plain", "exclude_history", "repeat"]
-MODES: tuple[Mode, ...] = ("plain", "exclude_history", "repeat")
+MODES: tuple[Mode, ...] = get_args(Mode)
 
 
 class RecommendResponse(BaseModel):
