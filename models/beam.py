@@ -136,9 +136,17 @@ class LevelScorer(Protocol):
 class DecoderScorer:
     """`LevelScorer` over a `Decoder`: the prompts' prefill, then one decoder step per level."""
 
-    def __init__(self, decoder: Decoder, prompts: Sequence[Sequence[int]], vocab: CodeVocab):
+    def __init__(
+        self,
+        decoder: Decoder,
+        prompts: Sequence[Sequence[int]],
+        vocab: CodeVocab,
+        prefilled: tuple[torch.Tensor, Any] | None = None,
+    ):
+        """`prefilled`: the (logits, state) of `decoder.prefill(prompts)` when the caller ran it
+        (the state must not have been stepped)."""
         self.decoder, self.vocab = decoder, vocab
-        logits, self.state = decoder.prefill(prompts)  # [B, V]
+        logits, self.state = prefilled if prefilled is not None else decoder.prefill(prompts)
         self.logits = logits[:, None, :]  # [B, 1, V], broadcast over the beams
         self.device = logits.device
 
@@ -167,18 +175,20 @@ def beam_search(
     k: int = 10,
     excludes: Sequence[Collection[int]] | None = None,
     new_items: NewItemBonus | None = None,
+    prefilled: tuple[torch.Tensor, Any] | None = None,
 ) -> BeamSearchOutput:
     """Top-k active items per prompt by constrained beam search (width max(beam_width, k)).
 
     `model` is an HF causal LM (a decoder is chosen by `make_decoder`) or a `Decoder`.
     `new_items`: favour items added after training (see the module docstring); the returned
-    scores then include the bonus.
+    scores then include the bonus. `prefilled`: the decoder's prefill of `prompts`, when the
+    caller already ran it (see `DecoderScorer`).
     """
     _check_trie(trie, vocab)
     if len(prompts) == 0:
         return BeamSearchOutput(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k))
     decoder: Decoder = model if hasattr(model, "prefill") else make_decoder(model)
-    scorer = DecoderScorer(decoder, prompts, vocab)
+    scorer = DecoderScorer(decoder, prompts, vocab, prefilled)
     return search(
         scorer, len(prompts), trie, vocab, beam_width, k, excludes, new_items, scorer.device
     )

@@ -44,6 +44,16 @@ class Decoder(Protocol):
         ...
 
 
+def fork(decoder: Decoder, state: Any) -> Any | None:
+    """A second state over the same prefill, as `prefill` returned it, for a second decode of
+    the same prompts (the repeat-aware mode scores the user's recent items after the beam
+    search): the shared-prefix decoders share the read-only prefix KV and start their own
+    generated tokens afresh. Call it before the first `step` on `state`. None where the decoder
+    cannot fork (the caller prefills again)."""
+    method = getattr(decoder, "fork", None)
+    return method(state) if method is not None else None
+
+
 def make_decoder(model: Any, kind: str = "auto") -> Decoder:
     """'fused' (shared prefix KV over re-laid-out weights, the fastest; on the CPU in float32 its
     attention and elementwise work run in native kernels, models/native), 'fused-torch' (the
@@ -212,6 +222,10 @@ class SharedPrefixDecoder:
         state.prefix_bias = bias[:, None, None, None, :]
         logits = self.model.lm_head(self.inner.norm(h[:, -1]))  # [B, V]
         return logits, state
+
+    def fork(self, state: _SharedState) -> _SharedState:
+        """The prefix KV shared (never written after `prefill`), no generated tokens."""
+        return _SharedState(state.prefix_k, state.prefix_v, state.prefix_bias, state.lengths)
 
     def step(self, state: _SharedState, parents: torch.Tensor, tokens: torch.Tensor):
         b, w = tokens.shape

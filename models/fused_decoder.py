@@ -320,6 +320,10 @@ class FusedDecoder:
             state.prefix_bias = zero.masked_fill(pad, float("-inf"))[:, None, None, :]
         return self._logits(h), state  # [B, V]
 
+    def fork(self, state: _FusedState) -> _FusedState:
+        """The prefix KV shared (never written after `prefill`), no generated tokens."""
+        return _FusedState(state.prefix_k, state.prefix_v, state.prefix_bias, state.lengths)
+
     @torch.inference_mode()
     def step(self, state: _FusedState, parents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         if self.native is not None:

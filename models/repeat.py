@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from models.beam import BeamSearchOutput, NewItemBonus, beam_search
-from models.decoders import Decoder, make_decoder
+from models.decoders import Decoder, fork, make_decoder
 from models.trie import ItemTrie
 from models.vocab import CodeVocab
 
@@ -71,18 +71,23 @@ def history_candidates(history: Sequence[int], history_items: int) -> tuple[list
 
 @torch.inference_mode()
 def identifier_log_probs(
-    model: Any, prompts: Sequence[Sequence[int]], codes: np.ndarray, vocab: CodeVocab
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    codes: np.ndarray,
+    vocab: CodeVocab,
+    prefilled: tuple[torch.Tensor, Any] | None = None,
 ) -> torch.Tensor:
     """Exact log-probabilities of given identifiers: codes [B, C, L] (one row of candidates per
     prompt) -> [B, C] float32, the sum over levels of the full-vocabulary log-softmax of each
     code token given the prompt and the identifier's earlier codes (teacher forcing through the
-    same decoder the beam search uses)."""
+    same decoder the beam search uses). `prefilled`: the decoder's (logits, state) of `prompts`
+    when the caller already ran the prefill (an unstepped state)."""
     decoder: Decoder = model if hasattr(model, "prefill") else make_decoder(model)
     codes_t = torch.as_tensor(np.asarray(codes, dtype=np.int64))
     b, c, levels = codes_t.shape
     if b == 0 or c == 0:
         return torch.zeros(b, c)
-    logits, state = decoder.prefill(prompts)  # [B, V']
+    logits, state = prefilled if prefilled is not None else decoder.prefill(prompts)  # [B, V']
     codes_t = codes_t.to(logits.device)
     step = logits[:, None, :]  # [B, 1, V'] shared by the candidates
     total = torch.zeros(b, c, device=logits.device)
@@ -121,9 +126,16 @@ def repeat_candidates(
     new_items: NewItemBonus | None = None,
 ) -> RepeatCandidates:
     """Beam search plus the exact scores of each user's recent, allowed items (with the
-    new-item bonus where one applies, as the beam scores them)."""
+    new-item bonus where one applies, as the beam scores them). Both decodes start from one
+    prefill of the prompts where the decoder can fork its state (`models.decoders.fork`)."""
     decoder: Decoder = model if hasattr(model, "prefill") else make_decoder(model)
-    beam = beam_search(decoder, prompts, trie, vocab, beam_width, k, excludes, new_items)
+    prefilled, second = None, None
+    if len(prompts) and any(len(h) for h in histories):
+        logits, state = decoder.prefill(prompts)
+        forked = fork(decoder, state)
+        prefilled = (logits, state)
+        second = (logits, forked) if forked is not None else None
+    beam = beam_search(decoder, prompts, trie, vocab, beam_width, k, excludes, new_items, prefilled)
     table, active = trie.codes_array(), trie.active_mask()
     per_user = []
     for u, hist in enumerate(histories):
@@ -136,7 +148,7 @@ def repeat_candidates(
     for u, (items, _, _) in enumerate(per_user):
         if items:
             cand[u, : len(items)] = table[items]
-    lp = identifier_log_probs(decoder, prompts, cand, vocab).numpy() if width else None
+    lp = identifier_log_probs(decoder, prompts, cand, vocab, second).numpy() if width else None
     if lp is not None and new_items is not None and new_items.active:
         for u, (items, _, _) in enumerate(per_user):
             is_new = np.asarray(items, dtype=np.int64) >= new_items.first_row

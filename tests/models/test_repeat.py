@@ -122,3 +122,37 @@ def test_fit_prior_finds_a_bias_that_recovers_repeat_targets(setup) -> None:
     off, ndcg_off, plain_off = fit_prior(cand, beam_top)
     assert ndcg_off == pytest.approx(plain_off) and off.bias < 0
     assert RepeatPrior.from_dict(prior.to_dict()) == prior
+
+
+class CountingDecoder:
+    """A decoder that counts its prefills (everything else passed through)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.prefills = inner, 0
+        if hasattr(inner, "fork"):
+            self.fork = inner.fork
+
+    def prefill(self, prompts):
+        self.prefills += 1
+        return self.inner.prefill(prompts)
+
+    def step(self, state, parents, tokens):
+        return self.inner.step(state, parents, tokens)
+
+
+@pytest.mark.parametrize(("kind", "prefills"), [("fused", 1), ("shared", 1), ("hf", 2)])
+def test_one_prefill_serves_the_beam_and_the_history_scores(setup, kind, prefills) -> None:
+    """Decoders that fork their state prefill once for both decodes; the answer is the one of
+    two separate decodes (a beam search, then the history items scored on their own)."""
+    from models.decoders import make_decoder
+
+    model, codes, trie, histories, prompts = setup
+    decoder = CountingDecoder(make_decoder(model, kind))
+    got = repeat_candidates(decoder, prompts, histories, trie, VOCAB, beam_width=8, k=8)
+    assert decoder.prefills == prefills
+    beam = beam_search(model, prompts, trie, VOCAB, beam_width=8, k=8)
+    assert torch.equal(got.beam.items, beam.items)
+    assert torch.allclose(got.beam.scores, beam.scores, atol=1e-5)
+    for u, items in enumerate(got.items):
+        alone = identifier_log_probs(model, [prompts[u]], codes[items][None], VOCAB)[0]
+        np.testing.assert_allclose(got.scores[u], alone.numpy(), atol=1e-5)
