@@ -10,7 +10,9 @@ the service loads.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import subprocess
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -192,6 +194,37 @@ class Bundle:
         return cls(root=root, manifest=manifest, catalogue=catalogue)
 
     def save(self) -> None:
+        """Writes the manifest and the catalogue, each by an atomic rename: a reader (a replica
+        loading the bundle, another stage) sees the old file or the new one, never a torn one."""
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / MANIFEST).write_text(json.dumps(self.manifest.to_dict(), indent=2) + "\n")
-        self.catalogue.save(self.root / CATALOGUE)
+        text = json.dumps(self.manifest.to_dict(), indent=2) + "\n"
+        _atomic(self.root / MANIFEST, lambda tmp: tmp.write_text(text))
+        _atomic(self.root / CATALOGUE, self.catalogue.save)
+
+
+def _atomic(path: Path, write: Any) -> None:
+    """`write(tmp)` to a temporary file beside `path`, then rename it over `path`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def update_recommend(root: str | Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """Merge `fields` into the manifest's `recommend` of the bundle at `root`, under an exclusive
+    lock on `root/.manifest.lock`: the stages that fit serving defaults (`fit-mode`, the
+    new-item protocol) may run at the same time in separate processes, and each reads the
+    manifest afresh inside the lock, so neither loses the other's fields. Returns the merged
+    `recommend`."""
+    root = Path(root)
+    with open(root / ".manifest.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            bundle = Bundle.load(root)
+            bundle.manifest.recommend = {**bundle.manifest.recommend, **fields}
+            bundle.save()
+            return bundle.manifest.recommend
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

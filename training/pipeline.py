@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from models.bundle import Bundle, Catalogue, Manifest
+from models.bundle import Bundle, Catalogue, Manifest, update_recommend
 from models.item_tokenizer import TextTemplate
 from models.recommender import load_lm, save_lm
 from models.text_encoder import TextEncoder
@@ -313,10 +313,9 @@ def stage_mode(ws: Workspace) -> dict[str, Any]:
         ws.cfg.lm.beam_width,
         progress=ws.progress,
     )
-    if "new_item_bonus" in bundle.manifest.recommend:  # fitted by the new-item protocol
-        chosen["new_item_bonus"] = bundle.manifest.recommend["new_item_bonus"]
-    bundle.manifest.recommend = chosen
-    bundle.save()
+    # Merged under the manifest lock: fields of the new-item protocol (`new_item_bonus`,
+    # `new_item_slots`), which may be fitting at the same time, stay.
+    update_recommend(ws.out, chosen)
     summary = {**chosen, "seconds": time.perf_counter() - t0}
     write_json(summary, ws.out / "report" / "mode.json")
     write_json(summary, ws.stages / "mode.json")
