@@ -54,6 +54,21 @@ def fork(decoder: Decoder, state: Any) -> Any | None:
     return method(state) if method is not None else None
 
 
+Prefilled = tuple[torch.Tensor, Any]
+"""A decoder's (next-token logits, unstepped state) of some prompts, as `prefill` returns it."""
+
+
+def prefills(decoder: Decoder, prompts: Sequence[Sequence[int]], n: int) -> list[Prefilled | None]:
+    """`n` unstepped prefills of `prompts` for `n` decodes, from one `prefill` where the decoder
+    can `fork` its state; None for each it cannot fork (its user prefills again)."""
+    logits, state = decoder.prefill(prompts)
+    out: list[Prefilled | None] = [(logits, state)]
+    for _ in range(n - 1):
+        forked = fork(decoder, state)
+        out.append((logits, forked) if forked is not None else None)
+    return out
+
+
 def make_decoder(model: Any, kind: str = "auto") -> Decoder:
     """'fused' (shared prefix KV over re-laid-out weights, the fastest; on the CPU in float32 its
     attention and elementwise work run in native kernels, models/native), 'fused-torch' (the

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from models.beam import BeamSearchOutput, NewItemBonus, beam_search
-from models.decoders import Decoder, fork, make_decoder
+from models.decoders import Decoder, Prefilled, make_decoder, prefills
 from models.trie import ItemTrie
 from models.vocab import CodeVocab
 
@@ -124,18 +124,19 @@ def repeat_candidates(
     k: int = 10,
     excludes: Sequence[Collection[int]] | None = None,
     new_items: NewItemBonus | None = None,
+    prefilled: Sequence[Prefilled | None] | None = None,
 ) -> RepeatCandidates:
     """Beam search plus the exact scores of each user's recent, allowed items (with the
     new-item bonus where one applies, as the beam scores them). Both decodes start from one
-    prefill of the prompts where the decoder can fork its state (`models.decoders.fork`)."""
+    prefill of the prompts where the decoder can fork its state (`models.decoders.prefills`;
+    `prefilled`: the caller's two, for the beam and for the history scores)."""
     decoder: Decoder = model if hasattr(model, "prefill") else make_decoder(model)
-    prefilled, second = None, None
-    if len(prompts) and any(len(h) for h in histories):
-        logits, state = decoder.prefill(prompts)
-        forked = fork(decoder, state)
-        prefilled = (logits, state)
-        second = (logits, forked) if forked is not None else None
-    beam = beam_search(decoder, prompts, trie, vocab, beam_width, k, excludes, new_items, prefilled)
+    if prefilled is None:
+        has_history = len(prompts) and any(len(h) for h in histories)
+        prefilled = prefills(decoder, prompts, 2) if has_history else [None, None]
+    beam = beam_search(
+        decoder, prompts, trie, vocab, beam_width, k, excludes, new_items, prefilled[0]
+    )
     table, active = trie.codes_array(), trie.active_mask()
     per_user = []
     for u, hist in enumerate(histories):
@@ -148,7 +149,9 @@ def repeat_candidates(
     for u, (items, _, _) in enumerate(per_user):
         if items:
             cand[u, : len(items)] = table[items]
-    lp = identifier_log_probs(decoder, prompts, cand, vocab, second).numpy() if width else None
+    lp = (
+        identifier_log_probs(decoder, prompts, cand, vocab, prefilled[1]).numpy() if width else None
+    )
     if lp is not None and new_items is not None and new_items.active:
         for u, (items, _, _) in enumerate(per_user):
             is_new = np.asarray(items, dtype=np.int64) >= new_items.first_row

@@ -163,7 +163,7 @@ class ItemTrie:
             _build_level(empty, d, levels, codebook_size, empty) for d in range(1, levels + 1)
         ]
         self._tensors: dict[str, tuple[int, TrieTensors]] = {}
-        self._since: tuple[int, int, ItemTrie] | None = None
+        self._since: tuple[int, int, ItemTrie, np.ndarray] | None = None
 
     # ---- building -------------------------------------------------------------------------
     @classmethod
@@ -258,9 +258,16 @@ class ItemTrie:
         """The active items of rows >= `first_row` as a trie of their own (renumbered from 0;
         its counts say which prefixes lead to such an item). Cached until the next
         add/deactivate."""
+        return self._since_pair(first_row)[0]
+
+    def since_rows(self, first_row: int) -> np.ndarray:
+        """The rows of `since(first_row)`'s items, in its order: its item i is row `rows[i]`."""
+        return self._since_pair(first_row)[1]
+
+    def _since_pair(self, first_row: int) -> tuple[ItemTrie, np.ndarray]:
         cached = self._since
         if cached is not None and cached[:2] == (self.version, first_row):
-            return cached[2]
+            return cached[2], cached[3]
         start = min(max(first_row, 0), self._n)
         rows = start + np.flatnonzero(self._active[start : self._n])
         sub = (
@@ -268,8 +275,8 @@ class ItemTrie:
             if rows.size
             else ItemTrie(self.levels, self.codebook_size)
         )
-        self._since = (self.version, first_row, sub)
-        return sub
+        self._since = (self.version, first_row, sub, rows)
+        return sub, rows
 
     def child_count(self, prefix: Sequence[int]) -> np.ndarray:
         """Active items under prefix + (c,) for every code c: [N] int32 (0 <= len(prefix) < L)."""

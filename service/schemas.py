@@ -77,6 +77,15 @@ class RecommendRequest(_Strict):
     inside the search: identifiers are ranked by log P + bonus for new items. Default: the
     bundle's (manifest `recommend.new_item_bonus`, fitted by `letterrec evaluate
     --cold-items`; 0 when absent)."""
+    new_item_slots: JSONInt | None = Field(None, ge=0, le=MAX_K)
+    """At most this many of the list's last places go to the best items added after training
+    (POST /tokenize), each found by an exact search over the new items and admitted when its
+    log-probability plus `new_item_margin` reaches the score of the item it displaces (a new
+    item that scores higher keeps its own place). Default: the bundle's (manifest
+    `recommend.new_item_slots`, fitted by `letterrec evaluate --cold-items`; 0 when absent)."""
+    new_item_margin: float | None = Field(None, ge=-1000.0, le=1000.0)
+    """Log-probability margin of the new-item slots (larger: new items admitted more often).
+    Default: the bundle's (0 when absent)."""
 
     model_config = ConfigDict(
         json_schema_extra={

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from models.collisions import CodeSpaceExhausted
+from models.new_items import NewItemSlots
 from models.repeat import RepeatPrior
 from models.vocab import CodeVocab
 from service.batcher import MicroBatcher
@@ -82,18 +83,28 @@ class RecommendDefaults:
     mode: Mode = "exclude_history"
     prior: RepeatPrior | None = None
     new_item_bonus: float = 0.0
+    new_item_slots: NewItemSlots = NewItemSlots()
 
     @classmethod
     def from_manifest(cls, recommend: dict[str, Any]) -> RecommendDefaults:
         bonus = float(recommend.get("new_item_bonus", 0.0))
+        slots = NewItemSlots.from_dict(recommend.get("new_item_slots"))
         if "repeat_prior" not in recommend:
             # Bundles without a fitted mode: history excluded, as always.
-            return cls(new_item_bonus=bonus)
+            return cls(new_item_bonus=bonus, new_item_slots=slots)
         prior = RepeatPrior.from_dict(recommend["repeat_prior"])
         mode = recommend.get("mode", "plain")
         if mode not in MODES:
             raise ValueError(f"manifest recommend.mode: {mode!r} is not one of {list(MODES)}")
-        return cls(mode=mode, prior=prior, new_item_bonus=bonus)
+        return cls(mode=mode, prior=prior, new_item_bonus=bonus, new_item_slots=slots)
+
+    def slots(self, req: RecommendRequest) -> NewItemSlots:
+        """The request's new-item slots: its own fields over the bundle's."""
+        d = self.new_item_slots
+        return NewItemSlots(
+            d.slots if req.new_item_slots is None else req.new_item_slots,
+            d.margin if req.new_item_margin is None else req.new_item_margin,
+        )
 
 
 class ServingRecommend:
@@ -161,6 +172,7 @@ class ServingRecommend:
                 self.defaults.new_item_bonus if req.new_item_bonus is None else req.new_item_bonus
             ),
             new_from=live.n_bundle,
+            new_slots=self.defaults.slots(req),
         )
         return decode, ignored
 

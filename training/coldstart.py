@@ -18,10 +18,11 @@ Protocol:
   recommender's prompt shows their codes, SASRec cannot see them and skips them). The catalogue
   is served as the service holds it (bundle rows, then tokenized rows) and the new-item bonus
   (models.beam.NewItemBonus) is fitted on validation users (BONUS_GRID, best NDCG@10, kept
-  beyond two standard errors of the paired gain over none); it goes
-  into the manifests of the cold-start bundle and of the bundle trained on everything, whose
-  later arrivals it serves. Rows: LETTER (this cold-start model with the fitted bonus), LETTER
-  (no new-item bonus), SASRec (0 on cold targets by construction: it has no embedding for
+  beyond two standard errors of the paired gain over none), then the new-item slots
+  (models.new_items: SLOT_GRID x MARGIN_GRID, the most cold validation targets found within
+  NEW_ITEM_COST of the validation NDCG@10); both go into the manifests of the cold-start bundle
+  and of the bundle trained on everything, whose later arrivals they serve. Rows: LETTER (this
+  cold-start model with the fitted bonus and slots), LETTER (no new-item prior), SASRec (0 on cold targets by construction: it has no embedding for
   an item it never saw), Content (cosine of item text embeddings to the mean of the user's last
   5 items, history excluded: the usual cold-start answer), Popularity (warm training counts),
   and, when BUNDLE holds a model trained on the whole catalogue, `LETTER (full catalogue)` for
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from typing import Any
 
@@ -39,8 +41,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from models.bundle import Bundle
+from models.beam import NewItemBonus, beam_search
+from models.bundle import Bundle, update_recommend
+from models.decoders import make_decoder, prefills
 from models.item_tokenizer import ItemTokenizer
+from models.new_items import NewItemSlots, new_item_search, place
 from models.recommender import load_lm
 from models.trie import ItemTrie
 from models.vocab import CodeVocab
@@ -48,7 +53,7 @@ from training.cf import left_pad
 from training.data import Dataset, leave_one_out
 from training.distill import load_sasrec
 from training.evaluate import item_popularity
-from training.lm import recommend
+from training.lm import history_prompts, recommend
 from training.metrics import gains_at, ranks_from_lists, standard_errors, summarize
 
 log = logging.getLogger(__name__)
@@ -102,6 +107,16 @@ def encode_cold(
 
 BONUS_GRID = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
 """New-item bonuses tried on validation (log-probability units)."""
+SLOT_GRID = (1, 2)
+"""New-item slots tried on validation (places of the top 10, models.new_items)."""
+MARGIN_GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, math.inf)
+"""Slot margins tried on validation (log-probability units; inf: always a new item)."""
+NEW_ITEM_COST = 0.02
+"""The share of validation NDCG@10 (all users) the new-item slots may cost: among the slot
+settings within it, the one that finds the most cold validation targets is served. New items
+earn little accuracy at first (few users pick them before they are shown), and a catalogue that
+never shows them never learns about them; this is the price of their exposure, a product
+setting rather than a property of the data."""
 FIT_USERS = 4000
 """Validation users the bonus is fitted on (a seeded sample when there are more)."""
 
@@ -147,6 +162,64 @@ class ServedCatalogue:
             new_bonus=bonus,
         )
         return [self.order[r].tolist() for r in recs]
+
+    @torch.no_grad()
+    def search(
+        self,
+        model: Any,
+        histories: list[list[int]],
+        vocab: CodeVocab,
+        beam_width: int,
+        bonus: float,
+        new_k: int,
+        progress: bool = False,
+        batch_size: int = 256,
+    ) -> Searched:
+        """The main search's top 10 (served rows, with scores; new items favoured by `bonus`)
+        and the top `new_k` of the search over new items only, from one prefill per batch."""
+        decoder = make_decoder(model)
+        out = Searched([], [], [], [])
+        first = len(self.keep)
+        starts = range(0, len(histories), batch_size)
+        for s in tqdm(starts, desc="beam + new items", unit="batch", disable=not progress):
+            served = [self.row[h].tolist() for h in histories[s : s + batch_size]]
+            prompts = history_prompts(served, self.served_codes, vocab)
+            pre = prefills(decoder, prompts, 2 if new_k else 1)
+            new = NewItemBonus(first, [bonus] * len(prompts)) if bonus > 0 else None
+            main = beam_search(
+                decoder, prompts, self.trie, vocab, beam_width, 10, None, new, pre[0]
+            )
+            out.items.extend(main.items.tolist())
+            out.scores.extend(main.scores.tolist())
+            if new_k:
+                fresh = new_item_search(
+                    decoder, prompts, self.trie, vocab, first, new_k, beam_width, None, pre[1]
+                )
+                out.new_items.extend(fresh.items.tolist())
+                out.new_scores.extend(fresh.scores.tolist())
+        return out
+
+    def lists(self, searched: Searched, slots: NewItemSlots) -> list[list[int]]:
+        """Top-10 dataset rows per user: the main lists with the new-item `slots` filled."""
+        out = []
+        for u, (items, scores) in enumerate(zip(searched.items, searched.scores, strict=True)):
+            if slots.active:
+                new_items, new_scores = searched.new_items[u], searched.new_scores[u]
+                placed = place(items, scores, new_items, new_scores, slots, 10, len(self.keep))
+                items = [i for i, _, _ in placed]
+            out.append(self.order[[i for i in items if i >= 0][:10]].tolist())
+        return out
+
+
+@dataclasses.dataclass
+class Searched:
+    """Per user (served rows, best first): the main search's items and scores, and the new-item
+    search's."""
+
+    items: list[list[int]]
+    scores: list[list[float]]
+    new_items: list[list[int]]
+    new_scores: list[list[float]]
 
 
 def fit_pairs(valid: list[tuple[list[int], int]], cfg: Any) -> list[tuple[list[int], int]]:
@@ -200,6 +273,61 @@ def fit_new_item_bonus(
         "gain_ndcg@10": float(diff.mean()),
         "se_gain_ndcg@10": se,
         "grid": table,
+    }
+
+
+def fit_new_item_slots(
+    searched: Searched,
+    pairs: list[tuple[list[int], int]],
+    served: ServedCatalogue,
+    slot_grid: tuple[int, ...] = SLOT_GRID,
+    margin_grid: tuple[float, ...] = MARGIN_GRID,
+    cost: float = NEW_ITEM_COST,
+) -> dict[str, Any]:
+    """The slot setting that finds the most cold validation targets (R@10 on them; ties: the
+    higher NDCG@10, then fewer slots and the smaller margin) among those costing at most
+    `cost` of the validation NDCG@10 without slots; none when no setting finds more cold
+    targets than no slots. `searched`: `ServedCatalogue.search` of `pairs` with the fitted
+    bonus and max(slot_grid) new items."""
+    targets = [t for _, t in pairs]
+    cold = np.isin(targets, served.cold)
+
+    def score(slots: NewItemSlots) -> dict[str, Any]:
+        ranks = ranks_from_lists(served.lists(searched, slots), targets)
+        gains = gains_at(ranks, 10)
+        return {
+            "slots": slots.slots,
+            "margin": slots.margin,
+            "ndcg@10": float(gains.mean()),
+            "recall@10": float((ranks < 10).mean()),
+            "recall@10_cold": float((ranks[cold] < 10).mean()) if cold.any() else 0.0,
+            "gains": gains,
+        }
+
+    base = score(NewItemSlots())
+    table = [base] + [score(NewItemSlots(n, m)) for n in slot_grid for m in margin_grid]
+    floor = (1 - cost) * base["ndcg@10"]
+    ok = [
+        r
+        for r in table[1:]
+        if r["ndcg@10"] >= floor and r["recall@10_cold"] > base["recall@10_cold"]
+    ]
+    best = max(
+        ok,
+        key=lambda r: (r["recall@10_cold"], r["ndcg@10"], -r["slots"], -r["margin"]),
+        default=base,
+    )
+    diff = best["gains"] - base["gains"]
+    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    return {
+        "new_item_slots": NewItemSlots(best["slots"], best["margin"]).to_dict(),
+        "cost": cost,
+        "users": len(pairs),
+        "cold_targets": int(cold.sum()),
+        "gain_ndcg@10": float(diff.mean()),
+        "se_gain_ndcg@10": se,
+        "gain_recall@10_cold": best["recall@10_cold"] - base["recall@10_cold"],
+        "grid": [{k: v for k, v in r.items() if k != "gains"} for r in table],
     }
 
 
@@ -304,14 +432,32 @@ def evaluate_coldstart(ws: Any, share: float) -> dict[str, Any]:
         model, fit_pairs(split.valid, cfg), served, vocab, cfg.lm.beam_width, ws.progress
     )
     bonus = fit["new_item_bonus"]
+    valid = fit_pairs(split.valid, cfg)
+    slot_fit = fit_new_item_slots(
+        served.search(
+            model,
+            [h for h, _ in valid],
+            vocab,
+            cfg.lm.beam_width,
+            bonus,
+            max(SLOT_GRID),
+            ws.progress,
+        ),
+        valid,
+        served,
+    )
+    slots = NewItemSlots.from_dict(slot_fit["new_item_slots"])
     t1 = time.perf_counter()
     hists = [h for h, _ in pairs]
-    letter = served.recommend(model, hists, vocab, cfg.lm.beam_width, bonus, ws.progress)
+    searched = served.search(
+        model, hists, vocab, cfg.lm.beam_width, bonus, slots.slots, ws.progress
+    )
+    letter = served.lists(searched, slots)
     eval_seconds = time.perf_counter() - t1
     unboosted = (
         served.recommend(model, hists, vocab, cfg.lm.beam_width, 0.0, ws.progress)
         if bonus > 0
-        else letter
+        else served.lists(searched, NewItemSlots())
     )
     sasrec = load_sasrec(wws.stages / "sasrec.pt", cfg.cf.device)
     pop = item_popularity(
@@ -322,8 +468,13 @@ def evaluate_coldstart(ws: Any, share: float) -> dict[str, Any]:
         pipeline.stage_embed(ws)
         emb = np.load(ws.stages / "embeddings.npy")
     rows = [
-        {"model": "LETTER", "new_item_bonus": bonus, **metrics(letter, pairs, cold)},
-        {"model": "LETTER (no new-item bonus)", **metrics(unboosted, pairs, cold)},
+        {
+            "model": "LETTER",
+            "new_item_bonus": bonus,
+            "new_item_slots": slots.to_dict(),
+            **metrics(letter, pairs, cold),
+        },
+        {"model": "LETTER (no new-item prior)", **metrics(unboosted, pairs, cold)},
         {"model": "SASRec", **metrics(sasrec_lists(sasrec, pairs, warm_row, keep), pairs, cold)},
         {"model": "Content", **metrics(content_lists(emb, pairs), pairs, cold)},
         {
@@ -331,8 +482,8 @@ def evaluate_coldstart(ws: Any, share: float) -> dict[str, Any]:
             **metrics([np.argsort(-pop, kind="stable")[:10].tolist()] * len(pairs), pairs, cold),
         },
     ]
-    bundle.manifest.recommend = {**bundle.manifest.recommend, "new_item_bonus": bonus}
-    bundle.save()
+    fitted = {"new_item_bonus": bonus, "new_item_slots": slots.to_dict()}
+    update_recommend(bundle.root, fitted)
     if (ws.out / "lm" / "config.json").exists():
         full = Bundle.load(ws.out)
         if len(full.catalogue) == ds.n_items:
@@ -349,9 +500,9 @@ def evaluate_coldstart(ws: Any, share: float) -> dict[str, Any]:
                 progress=ws.progress,
             )
             rows.append({"model": "LETTER (full catalogue)", **metrics(recs, pairs, cold)})
-            # The bonus carries over: the bundle trained on everything serves later arrivals.
-            full.manifest.recommend = {**full.manifest.recommend, "new_item_bonus": bonus}
-            full.save()
+            # The new-item prior carries over: the bundle trained on everything serves later
+            # arrivals.
+            update_recommend(full.root, fitted)
     return {
         "share": share,
         "cold_items": len(cold),
@@ -360,6 +511,7 @@ def evaluate_coldstart(ws: Any, share: float) -> dict[str, Any]:
         "rule": "newest = fewest interactions made by any user after first visiting the item",
         "rows": rows,
         "new_item_bonus": fit,
+        "new_item_slots": slot_fit,
         "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
         "config": cfg.to_dict(),

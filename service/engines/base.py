@@ -6,7 +6,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from models.beam import NewItemBonus
+from models.beam import BeamSearchOutput, NewItemBonus
+from models.new_items import NewItemSlots, place
 from models.repeat import RepeatPrior
 from models.trie import ItemTrie
 
@@ -28,6 +29,10 @@ class DecodeRequest:
     exactly inside the search (models.beam.NewItemBonus); 0 = none."""
     new_from: int = 0
     """The first catalogue row added after training (the bundle's catalogue size)."""
+    new_slots: NewItemSlots = field(default_factory=NewItemSlots)
+    """Places of the top-k reserved for the best new items (rows >= `new_from`) when their
+    score comes within the margin of the item they displace (models.new_items); none by
+    default."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,43 @@ def new_item_bonus(requests: Sequence[DecodeRequest]) -> NewItemBonus | None:
     if len(firsts) > 1:
         raise ValueError(f"requests of one batch name different first new rows {sorted(firsts)}")
     return NewItemBonus(firsts.pop(), [r.new_bonus for r in requests])
+
+
+def new_item_slots(requests: Sequence[DecodeRequest]) -> tuple[int, int] | None:
+    """(first new row, most slots) of the batch's requests that ask for new-item slots; None
+    when none does."""
+    asking = [r for r in requests if r.new_slots.active]
+    if not asking:
+        return None
+    firsts = {r.new_from for r in asking}
+    if len(firsts) > 1:
+        raise ValueError(f"requests of one batch name different first new rows {sorted(firsts)}")
+    return firsts.pop(), max(r.new_slots.slots for r in asking)
+
+
+def place_new_items(
+    requests: Sequence[DecodeRequest], lists: list[list[Recommendation]], fresh: BeamSearchOutput
+) -> list[list[Recommendation]]:
+    """Each request's list with its new-item slots filled from `fresh` (the new-item search of
+    the batch, catalogue rows; `models.new_items.place`), cut to k."""
+    out = []
+    new_items, new_scores = fresh.items.tolist(), fresh.scores.tolist()
+    for b, (r, row) in enumerate(zip(requests, lists, strict=True)):
+        if not r.new_slots.active:
+            out.append(row[: r.k])
+            continue
+        history = {x.item_index for x in row if x.from_history}
+        merged = place(
+            [x.item_index for x in row],
+            [x.score for x in row],
+            new_items[b],
+            new_scores[b],
+            r.new_slots,
+            r.k,
+            r.new_from,
+        )
+        out.append([Recommendation(i, s, i in history) for i, s, _ in merged])
+    return out
 
 
 DTYPES = ("float32", "bfloat16", "float16")

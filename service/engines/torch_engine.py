@@ -17,8 +17,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from models.beam import beam_search
-from models.decoders import make_decoder
+from models.decoders import make_decoder, prefills
 from models.fused_decoder import FusedDecoder
+from models.new_items import new_item_search
 from models.repeat import repeat_candidates, rerank_one
 from models.trie import ItemTrie
 from models.vocab import CodeVocab
@@ -28,6 +29,8 @@ from service.engines.base import (
     Recommendation,
     check_engine_args,
     new_item_bonus,
+    new_item_slots,
+    place_new_items,
 )
 
 log = logging.getLogger(__name__)
@@ -109,47 +112,46 @@ class TorchEngine(DecodeEngine):
     def _batch(
         self, requests: Sequence[DecodeRequest], trie: ItemTrie
     ) -> list[list[Recommendation]]:
+        """One beam search for the batch; the repeat-aware requests' recent items scored
+        exactly and the new-item search where requests ask for them, all from one prefill."""
         k = max(r.k for r in requests)
-        if any(r.prior is not None for r in requests):
-            return self._repeat_batch(requests, trie, k)
-        result = beam_search(
-            self.decoder,
-            [r.prompt for r in requests],
-            trie,
-            self.vocab,
-            beam_width=self.beam_width,
-            k=k,
-            excludes=[r.exclude for r in requests],
-            new_items=new_item_bonus(requests),
-        )
-        items, scores = result.items.tolist(), result.scores.tolist()
+        prompts = [r.prompt for r in requests]
+        excludes = [r.exclude for r in requests]
+        repeat = any(r.prior is not None for r in requests)
+        slots = new_item_slots(requests)
+        pre = prefills(self.decoder, prompts, 1 + repeat + (slots is not None))
+        cand = None
+        if repeat:
+            cand = repeat_candidates(
+                self.decoder,
+                prompts,
+                [r.history if r.prior is not None else () for r in requests],
+                trie,
+                self.vocab,
+                beam_width=self.beam_width,
+                k=max(k, self.beam_width),
+                excludes=excludes,
+                new_items=new_item_bonus(requests),
+                prefilled=pre[:2],
+            )
+            beam = cand.beam
+        else:
+            beam = beam_search(
+                self.decoder,
+                prompts,
+                trie,
+                self.vocab,
+                beam_width=self.beam_width,
+                k=k,
+                excludes=excludes,
+                new_items=new_item_bonus(requests),
+                prefilled=pre[0],
+            )
+        items, scores = beam.items.tolist(), beam.scores.tolist()
         out = []
         for b, r in enumerate(requests):
-            pairs = zip(items[b][: r.k], scores[b][: r.k], strict=True)
-            out.append([Recommendation(i, s) for i, s in pairs if i >= 0])
-        return out
-
-    def _repeat_batch(
-        self, requests: Sequence[DecodeRequest], trie: ItemTrie, k: int
-    ) -> list[list[Recommendation]]:
-        """One beam search for the batch plus the exact scores of the repeat-aware requests'
-        recent items (plain requests in the same batch get the beam's answer)."""
-        cand = repeat_candidates(
-            self.decoder,
-            [r.prompt for r in requests],
-            [r.history if r.prior is not None else () for r in requests],
-            trie,
-            self.vocab,
-            beam_width=self.beam_width,
-            k=max(k, self.beam_width),
-            excludes=[r.exclude for r in requests],
-            new_items=new_item_bonus(requests),
-        )
-        items, scores = cand.beam.items.tolist(), cand.beam.scores.tolist()
-        out = []
-        for b, r in enumerate(requests):
-            if r.prior is None:
-                pairs = zip(items[b][: r.k], scores[b][: r.k], strict=True)
+            if r.prior is None or cand is None:
+                pairs = zip(items[b], scores[b], strict=True)
                 out.append([Recommendation(i, s) for i, s in pairs if i >= 0])
                 continue
             ranked = rerank_one(
@@ -163,7 +165,21 @@ class TorchEngine(DecodeEngine):
                 r.k,
             )
             out.append([Recommendation(i, s, h) for i, s, h in ranked])
-        return out
+        if slots is None:
+            return [row[: r.k] for row, r in zip(out, requests, strict=True)]
+        first_row, most = slots
+        fresh = new_item_search(
+            self.decoder,
+            prompts,
+            trie,
+            self.vocab,
+            first_row,
+            most,
+            self.beam_width,
+            excludes,
+            pre[-1],
+        )
+        return place_new_items(requests, out, fresh)
 
     def warmup(self, trie: ItemTrie) -> None:
         if trie.n_active:

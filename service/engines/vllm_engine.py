@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from models.beam import search
+from models.new_items import new_item_trie, to_rows
 from models.repeat import history_candidates, rerank_one
 from models.trie import ItemTrie
 from models.vocab import CodeVocab
@@ -56,6 +57,8 @@ from service.engines.base import (
     Recommendation,
     check_engine_args,
     new_item_bonus,
+    new_item_slots,
+    place_new_items,
 )
 
 log = logging.getLogger(__name__)
@@ -204,9 +207,24 @@ class VllmEngine(DecodeEngine):
             [Recommendation(i, s) for i, s in zip(items[b], scores[b], strict=True) if i >= 0]
             for b in range(len(requests))
         ]
-        if not repeat:
-            return [row[: r.k] for row, r in zip(beams, requests, strict=True)]
-        return self._repeat(requests, beams, trie)
+        lists = self._repeat(requests, beams, trie) if repeat else beams
+        slots = new_item_slots(requests)
+        if slots is None:
+            return [row[: r.k] for row, r in zip(lists, requests, strict=True)]
+        sub, rows, sub_ex = new_item_trie(trie, slots[0], [r.exclude for r in requests])
+        if len(rows) == 0:
+            return [row[: r.k] for row, r in zip(lists, requests, strict=True)]
+        # The new-item slots: the same loop over the trie of new items only.
+        fresh = search(
+            _VllmScorer(self, [r.prompt for r in requests]),
+            len(requests),
+            sub,
+            self.vocab,
+            beam_width=self.beam_width,
+            k=slots[1],
+            excludes=sub_ex,
+        )
+        return place_new_items(requests, lists, to_rows(fresh, rows))
 
     def _repeat(
         self,

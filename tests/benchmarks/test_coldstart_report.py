@@ -48,6 +48,16 @@ def test_report_files_and_verdicts(tmp_path, monkeypatch) -> None:
         "rule": "newest",
         "rows": rows,
         "new_item_bonus": fit,
+        "new_item_slots": {
+            "new_item_slots": {"slots": 1, "margin": 4.0},
+            "cost": 0.02,
+            "users": 900,
+            "cold_targets": 40,
+            "gain_ndcg@10": -0.001,
+            "se_gain_ndcg@10": 0.0005,
+            "gain_recall@10_cold": 0.05,
+            "grid": [{"slots": 0, "margin": 0.0, "ndcg@10": 0.1, "recall@10": 0.2}],
+        },
         "train_seconds": 10.0,
         "eval_seconds": 2.0,
         "config": {"lm": {}},
@@ -64,4 +74,5 @@ def test_report_files_and_verdicts(tmp_path, monkeypatch) -> None:
     assert "6.0 standard errors above 0" in v
     assert "0.950" in v  # 0.19 / 0.20
     md = (tmp_path / "out" / "coldstart-x.md").read_text()
+    assert "Chosen: **1 slot(s), margin 4.0**" in md and "gain +0.0500" in md
     assert "Chosen: **2.0**" in md and (tmp_path / "out" / "coldstart-x.png").exists()

@@ -71,9 +71,9 @@ def client(trained_bundle: Path) -> Iterator[httpx.Client]:
         yield c
 
 
-def top(client: httpx.Client, kind: str, bonus: float) -> list[dict]:
+def top(client: httpx.Client, kind: str, bonus: float, **options: float) -> list[dict]:
     history = [f"item-{i}" for i in np.flatnonzero(kinds() == kind)[:5]]
-    body = {"history": history, "k": 10, "new_item_bonus": bonus}
+    body = {"history": history, "k": 10, "new_item_bonus": bonus, **options}
     r = client.post("/recommend", json=body)
     assert r.status_code == 200, r.text
     return r.json()["items"]
@@ -90,3 +90,19 @@ def test_new_items_reach_the_users_whose_history_is_about_them(client: httpx.Cli
     # top 10, below the shops the model was trained on.
     plain = [it["item_id"] for it in top(client, "sushi", 0.0)]
     assert "new-sushi" in plain and plain[0] != "new-sushi"
+
+
+def test_a_new_item_slot_offers_the_best_new_item_in_place_of_the_last_warm_one(
+    client: httpx.Client,
+) -> None:
+    """Two slots with a wide margin: the sushi user's list keeps the new sushi shop where it
+    ranks on merit and gives the second slot to the other new item, in place of the last warm
+    item; the warm items keep their order. With a margin no score can meet, nothing changes."""
+    plain = [it["item_id"] for it in top(client, "sushi", 0.0)]
+    got = top(client, "sushi", 0.0, new_item_slots=2, new_item_margin=1000.0)
+    ids = [it["item_id"] for it in got]
+    assert ids[-1] == "new-books" and got[-1]["new"]
+    assert [i for i in ids if i != "new-books"] == plain[:9]
+    assert "new-sushi" in ids  # on merit, counted as one of the two slots
+    shut = top(client, "sushi", 0.0, new_item_slots=2, new_item_margin=-1000.0)
+    assert [it["item_id"] for it in shut] == plain

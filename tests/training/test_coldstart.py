@@ -3,6 +3,7 @@ cold identifiers come from the tokenizer call POST /tokenize makes, unique in th
 
 import numpy as np
 
+from models.new_items import NewItemSlots
 from tests.bundlefactory import make_tokenizer, shared_encoder, synthetic_items
 from training.coldstart import cold_items, content_lists, encode_cold, metrics, without_items
 from training.data import Dataset, leave_one_out
@@ -119,3 +120,33 @@ def test_bonus_fit_follows_the_validation_targets(tmp_path) -> None:
     fit = fit_new_item_bonus(model, far + to_cold[:1], served, vocab, 40, grid=(0.0, 1000.0))
     assert fit["best_on_validation"] == 1000.0 and fit["gain_ndcg@10"] > 0
     assert fit["new_item_bonus"] == 0.0
+
+
+def test_slot_fit_serves_slots_for_cold_targets_within_the_cost() -> None:
+    """Hand-made searches: users whose targets are cold items the main search misses get a slot
+    (the cold targets found, the warm ones at places 1-9 kept); users whose targets sit at the
+    last place, where a slot would displace them, keep none (the cost exceeds the budget)."""
+    from training.coldstart import Searched, ServedCatalogue, fit_new_item_slots
+
+    cold = np.array([30, 31])
+    keep = np.setdiff1d(np.arange(40), cold)
+    codes = np.stack(np.unravel_index(np.arange(40), (4, 4, 4)), axis=1)
+    served = ServedCatalogue(codes, keep, cold, 4)
+    main = list(range(10))  # served rows 0..9 (warm), scores -1..-10
+    searched = Searched(
+        [main] * 4, [[-1.0 - j for j in range(10)]] * 4, [[38, 39]] * 4, [[-12.0, -13.0]] * 4
+    )
+    # Served rows 38, 39 are the dataset's cold rows 30, 31.
+    assert served.order[38:].tolist() == cold.tolist()
+    to_cold = [([0], 30), ([0], 31), ([0], int(served.order[0])), ([0], int(served.order[1]))]
+    fit = fit_new_item_slots(searched, to_cold, served, slot_grid=(1, 2), margin_grid=(1.0, 8.0))
+    assert fit["new_item_slots"] == {"slots": 2, "margin": 8.0}  # margin 1 admits nothing
+    assert fit["gain_recall@10_cold"] == 1.0 and fit["cold_targets"] == 2
+    # One cold target found against three warm targets at the last place lost: too costly.
+    at_last = [([0], 30)] + [([0], int(served.order[9]))] * 3
+    fit = fit_new_item_slots(searched, at_last, served, slot_grid=(1,), margin_grid=(8.0,))
+    assert fit["grid"][1]["recall@10_cold"] == 1.0
+    assert fit["grid"][1]["ndcg@10"] < 0.98 * fit["grid"][0]["ndcg@10"]
+    assert fit["new_item_slots"] == {"slots": 0, "margin": 0.0}
+    lists = served.lists(searched, NewItemSlots(1, 8.0))
+    assert lists[0][-1] == 30 and lists[0][:9] == served.order[:9].tolist()

@@ -330,3 +330,36 @@ def test_new_item_bonus_equals_the_torch_engine(
         assert_same(g, w, f"history {i}")
     promoted = [r.item_index >= first_new for i, w in enumerate(want) if i % 3 == 2 for r in w]
     assert all(promoted)
+
+
+def test_new_item_slots_equal_the_torch_engine(
+    engine: VllmEngine, model_dir: Path, catalogue: np.ndarray, histories
+) -> None:
+    """New-item slots (the search over new items only, then the placement) equal the torch
+    engine's, mixed with plain, excluding and repeat-aware requests in one batch."""
+    from models.new_items import NewItemSlots
+    from models.repeat import RepeatPrior
+
+    torch_engine = pytest.importorskip("service.engines.torch_engine")
+    trie = ItemTrie.from_codes(catalogue, VOCAB.codebook_size)
+    reference = torch_engine.TorchEngine(model_dir, VOCAB, beam_width=BEAM)
+    first_new = len(catalogue) - len(catalogue) // 10
+    requests = [
+        DecodeRequest(
+            prompt_of(h, catalogue),
+            k=8,
+            history=tuple(h.tolist()),
+            prior=RepeatPrior(bias=1.0) if i % 4 == 3 else None,
+            exclude=frozenset(h[:1].tolist()) if i % 4 == 1 else frozenset(),
+            new_from=first_new,
+            new_slots=NewItemSlots([0, 1, 3][i % 3], [0.0, 1000.0, 1000.0][i % 3]),
+        )
+        for i, h in enumerate(histories[:12])
+    ]
+    want = reference.recommend(requests, trie)
+    got = engine.recommend(requests, trie)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert_same(g, w, f"history {i}")
+    for i, w in enumerate(want):
+        new = sum(r.item_index >= first_new for r in w)
+        assert new >= [0, 1, 3][i % 3], f"history {i}"
