@@ -109,8 +109,15 @@ def main() -> None:
             "finds the most cold validation targets among those costing at most "
             f"{slots['cost']:.0%} of validation NDCG@10 (row 1: no slots). Cold-target R@10 gain "
             f"{slots['gain_recall@10_cold']:+.4f}; NDCG@10 gain {slots['gain_ndcg@10']:+.4f} "
-            f"(paired se {slots['se_gain_ndcg@10']:.4f}).\n\n"
+            f"(paired se {slots['se_gain_ndcg@10']:.4f})."
         )
+        if slots.get("median_gap") is not None:
+            md += (
+                " The best new item scores a median "
+                f"{slots['median_gap']:.1f} log-probability units below the main list's last "
+                "item: the margin a slot needs."
+            )
+        md += "\n\n"
         md += md_table(slots["grid"], ["slots", "margin", "ndcg@10", "recall@10", "recall@10_cold"])
     md += "\n## Verdicts\n\n" + "".join(f"- {v}\n" for v in payload["verdicts"])
     md += (

@@ -109,7 +109,7 @@ BONUS_GRID = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
 """New-item bonuses tried on validation (log-probability units)."""
 SLOT_GRID = (1, 2)
 """New-item slots tried on validation (places of the top 10, models.new_items)."""
-MARGIN_GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, math.inf)
+MARGIN_GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, math.inf)
 """Slot margins tried on validation (log-probability units; inf: always a new item)."""
 NEW_ITEM_COST = 0.02
 """The share of validation NDCG@10 (all users) the new-item slots may cost: among the slot
@@ -319,8 +319,15 @@ def fit_new_item_slots(
     )
     diff = best["gains"] - base["gains"]
     se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    # How far the best new item scores below the main list's last item: the margin a slot needs.
+    gaps = [
+        sc[-1] - ns[0]
+        for sc, ns in zip(searched.scores, searched.new_scores, strict=True)
+        if sc and ns and math.isfinite(sc[-1]) and math.isfinite(ns[0])
+    ]
     return {
         "new_item_slots": NewItemSlots(best["slots"], best["margin"]).to_dict(),
+        "median_gap": float(np.median(gaps)) if gaps else None,
         "cost": cost,
         "users": len(pairs),
         "cold_targets": int(cold.sum()),

@@ -50,6 +50,7 @@ def test_report_files_and_verdicts(tmp_path, monkeypatch) -> None:
         "new_item_bonus": fit,
         "new_item_slots": {
             "new_item_slots": {"slots": 1, "margin": 4.0},
+            "median_gap": 21.5,
             "cost": 0.02,
             "users": 900,
             "cold_targets": 40,
@@ -75,4 +76,5 @@ def test_report_files_and_verdicts(tmp_path, monkeypatch) -> None:
     assert "0.950" in v  # 0.19 / 0.20
     md = (tmp_path / "out" / "coldstart-x.md").read_text()
     assert "Chosen: **1 slot(s), margin 4.0**" in md and "gain +0.0500" in md
+    assert "a median 21.5 log-probability units below" in md
     assert "Chosen: **2.0**" in md and (tmp_path / "out" / "coldstart-x.png").exists()

@@ -142,6 +142,7 @@ def test_slot_fit_serves_slots_for_cold_targets_within_the_cost() -> None:
     fit = fit_new_item_slots(searched, to_cold, served, slot_grid=(1, 2), margin_grid=(1.0, 8.0))
     assert fit["new_item_slots"] == {"slots": 2, "margin": 8.0}  # margin 1 admits nothing
     assert fit["gain_recall@10_cold"] == 1.0 and fit["cold_targets"] == 2
+    assert fit["median_gap"] == 2.0  # the last main item -10, the best new item -12
     # One cold target found against three warm targets at the last place lost: too costly.
     at_last = [([0], 30)] + [([0], int(served.order[9]))] * 3
     fit = fit_new_item_slots(searched, at_last, served, slot_grid=(1,), margin_grid=(8.0,))
