@@ -77,7 +77,7 @@ class RecommendRequest(_Strict):
     inside the search: identifiers are ranked by log P + bonus for new items. Default: the
     bundle's (manifest `recommend.new_item_bonus`, fitted by `letterrec evaluate
     --cold-items`; 0 when absent)."""
-    new_item_slots: JSONInt | None = Field(None, ge=0, le=MAX_K)
+    new_item_slots: Annotated[int, Field(ge=0, le=MAX_K), BeforeValidator(_integral)] | None = None
     """At most this many of the list's last places go to the best items added after training
     (POST /tokenize), each found by an exact search over the new items and admitted when its
     log-probability plus `new_item_margin` reaches the score of the item it displaces (a new

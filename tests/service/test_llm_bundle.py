@@ -69,10 +69,32 @@ def assert_equal_to_reference(engine, bundle: Bundle, histories, want) -> None: 
     ]
     got = engine.recommend(requests, trie)
     want_items, want_scores = want
+    flips = 0
     for i, recs in enumerate(got):
         assert len(want_items[i]) == K
-        assert [r.item_index for r in recs] == want_items[i], histories[i]
-        np.testing.assert_allclose([r.score for r in recs], want_scores[i], atol=1e-4)
+        items, scores = [r.item_index for r in recs], [r.score for r in recs]
+        np.testing.assert_allclose(scores, want_scores[i], atol=TOL)
+        if items != want_items[i]:
+            flips += 1
+            assert_near_ties(items, want_items[i], want_scores[i], histories[i])
+    assert flips <= len(got) // 50, f"{flips} of {len(got)} lists differ by near-ties"
+
+
+TOL = 1e-4
+"""Score tolerance: float32 sums of a few log-softmax values of magnitude ~15, computed by
+different kernels (the fused decoder, HF `generate`), differ by ~1e-6; 1e-4 leaves room."""
+
+
+def assert_near_ties(items: list[int], want: list[int], want_scores: list[float], where) -> None:
+    """Lists may differ only where the reference itself is tied within TOL: two items whose
+    scores agree that closely may come in either order, and at the last place an item may be
+    replaced by one scoring the same (checked by the scores' agreement above)."""
+    for j, (a, b) in enumerate(zip(items, want, strict=True)):
+        if a == b:
+            continue
+        tied = [j2 for j2 in range(len(want)) if abs(want_scores[j2] - want_scores[j]) <= TOL]
+        assert len(tied) > 1 or j == len(want) - 1, (where, j, items, want)
+        assert a in [want[j2] for j2 in tied] or j == len(want) - 1, (where, j, items, want)
 
 
 def test_bundle_holds_the_enlarged_vocabulary_and_the_template(bundle: Bundle, model) -> None:
