@@ -8,19 +8,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from models.decoders import make_decoder, prefills
 from models.new_items import NewItemSlots, new_item_search, place
-from models.repeat import identifier_log_probs
 from models.trie import ItemTrie
-from models.vocab import CodeVocab
-from tests.lmfactory import make_tiny_llama, random_catalogue
-
-VOCAB = CodeVocab(levels=3, codebook_size=8, history_items=6)
-N_ITEMS = 120
-FIRST_NEW = 100
-
+from tests.models.test_new_item_bonus import FIRST_NEW, N_ITEMS, VOCAB, setup  # noqa: F401, F811
 
 # ---- the placement rule ----------------------------------------------------------------------
 MAIN = [1, 2, 3, 4]
@@ -79,23 +71,9 @@ def test_slots_round_trip_and_reject_bad_values() -> None:
         NewItemSlots(1, float("nan"))
 
 
-# ---- the search over new items ---------------------------------------------------------------
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    path = make_tiny_llama(VOCAB, tmp_path_factory.mktemp("lm"), init_std=0.2)
-    model = AutoModelForCausalLM.from_pretrained(path).to(torch.float64).eval()
-    codes = random_catalogue(N_ITEMS, VOCAB.levels, VOCAB.codebook_size, seed=11)
-    trie = ItemTrie.from_codes(codes, VOCAB.codebook_size)
-    rng = np.random.default_rng(3)
-    histories = [rng.integers(0, FIRST_NEW, int(rng.integers(1, 7))).tolist() for _ in range(6)]
-    prompts = [VOCAB.prompt(codes[h]) for h in histories]
-    every = np.broadcast_to(codes, (len(prompts), *codes.shape)).copy()
-    exact = identifier_log_probs(model, prompts, every, VOCAB).numpy()  # [B, n]
-    return model, codes, trie, prompts, exact
-
-
-def test_new_item_search_equals_brute_force_over_the_new_rows(setup) -> None:
-    model, _, trie, prompts, exact = setup
+# ---- the search over new items (the bonus tests' model, catalogue and prompts) -----------
+def test_new_item_search_equals_brute_force_over_the_new_rows(setup) -> None:  # noqa: F811
+    model, _, trie, _, prompts, exact = setup
     got = new_item_search(model, prompts, trie, VOCAB, FIRST_NEW, k=3, beam_width=N_ITEMS)
     for b in range(len(prompts)):
         want = FIRST_NEW + np.argsort(-exact[b, FIRST_NEW:], kind="stable")[:3]
@@ -103,8 +81,8 @@ def test_new_item_search_equals_brute_force_over_the_new_rows(setup) -> None:
         np.testing.assert_allclose(got.scores[b].numpy(), exact[b, want], atol=1e-5)
 
 
-def test_new_item_search_honours_exclusions_and_deactivation(setup) -> None:
-    model, codes, _, prompts, exact = setup
+def test_new_item_search_honours_exclusions_and_deactivation(setup) -> None:  # noqa: F811
+    model, codes, _, _, prompts, exact = setup
     trie = ItemTrie.from_codes(codes, VOCAB.codebook_size)
     best = [FIRST_NEW + int(np.argmax(exact[b, FIRST_NEW:])) for b in range(len(prompts))]
     trie.deactivate(best[0])
@@ -116,14 +94,14 @@ def test_new_item_search_honours_exclusions_and_deactivation(setup) -> None:
         assert all(i >= FIRST_NEW for i in listed)
 
 
-def test_no_new_items_gives_an_empty_answer(setup) -> None:
-    model, _, trie, prompts, _ = setup
+def test_no_new_items_gives_an_empty_answer(setup) -> None:  # noqa: F811
+    model, _, trie, _, prompts, _ = setup
     got = new_item_search(model, prompts, trie, VOCAB, N_ITEMS, k=2)
     assert (got.items == -1).all() and torch.isinf(got.scores).all()
 
 
-def test_a_forked_prefill_gives_the_same_new_items(setup) -> None:
-    model, _, trie, prompts, _ = setup
+def test_a_forked_prefill_gives_the_same_new_items(setup) -> None:  # noqa: F811
+    model, _, trie, _, prompts, _ = setup
     decoder = make_decoder(model)
     main, second = prefills(decoder, prompts, 2)
     assert second is not None and second[1] is not main[1]
