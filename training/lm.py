@@ -328,9 +328,15 @@ def token_losses(
     valid = targets != -100
     per_token = -logp.gather(2, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
 
+    cached: dict[int, torch.Tensor] = {}
+
     def level_logp(index: torch.Tensor) -> torch.Tensor:
-        """[B, T-1, N] log-probabilities of each target position's level tokens."""
-        return logp.gather(2, index[None].expand(ids.shape[0], -1, -1).to(ids.device))
+        """[B, T-1, N] log-probabilities of each target position's level tokens (gathered once
+        when smoothing and distillation share the index)."""
+        if id(index) not in cached:
+            at = index[None].expand(ids.shape[0], -1, -1).to(ids.device)
+            cached[id(index)] = logp.gather(2, at)
+        return cached[id(index)]
 
     if smooth is not None and smooth[0] > 0:
         eps, index = smooth
@@ -608,11 +614,11 @@ def train_lm(
                 weights[r, : len(tok_w[i])] = torch.from_numpy(tok_w[i])
             weights = weights.to(device)
         soft = None
-        t1 = ids.shape[1] - 1
+        levels = index[: ids.shape[1] - 1]  # one tensor, so token_losses gathers once
         if cfg.distill > 0 and teacher is not None:
             q, has = soft_targets(teacher, idx, ids, codes_t, vocab)
-            soft = (q.to(device), has.to(device), cfg.distill, index[:t1])
-        smooth = (cfg.code_smoothing, index[:t1]) if cfg.code_smoothing > 0 else None
+            soft = (q.to(device), has.to(device), cfg.distill, levels)
+        smooth = (cfg.code_smoothing, levels) if cfg.code_smoothing > 0 else None
         return ids, mask, weights, soft, smooth
 
     t0, tokens = time.perf_counter(), 0
