@@ -20,7 +20,7 @@ from typing import Any
 
 from benchmarks.common import RESULTS, header, md_header, md_table, write_result
 from training import pipeline
-from training.config import PipelineConfig, get_profile, load_config
+from training.config import PipelineConfig, resolve_config
 from training.evaluate import evaluate_popularity, evaluate_recent
 
 PAPER_YELP = {
@@ -150,9 +150,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    cfg = (load_config(args.config) if args.config else get_profile(args.profile)).with_device(
-        args.device
-    )
+    cfg = resolve_config(args.profile, args.config).with_device(args.device)
     cfg = dataclasses.replace(cfg, ablation=False)
     progress = not args.quiet
 

@@ -24,7 +24,7 @@ from models.bundle import Bundle
 from models.decoders import make_decoder
 from models.recommender import load_lm
 from models.trie import ItemTrie
-from training.config import load_config
+from training.config import resolve_config
 from training.pipeline import Workspace
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--beam", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    ws = Workspace(out=args.bundle, cfg=load_config(args.config), data_spec=args.data)
+    ws = Workspace(out=args.bundle, cfg=resolve_config("full", args.config), data_spec=args.data)
     bundle, split = Bundle.load(args.bundle), ws.split()
     codes, vocab = bundle.catalogue.codes, bundle.vocab
     model = load_lm(bundle.lm_dir).eval()

@@ -35,7 +35,12 @@ ProfileOpt = Annotated[
     str, typer.Option("--profile", help="Named configuration: 'full' (paper) or 'quick'.")
 ]
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", help="JSON experiment file overriding the profile.")
+    Path | None,
+    typer.Option(
+        "--config",
+        help="JSON experiment file: the fields it names replace the profile's (--profile), "
+        "section by section; every other field keeps the profile's value.",
+    ),
 ]
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (CUDA when present).")
@@ -112,13 +117,12 @@ def _workspace(
     base_model: str | None = None,
     nproc: int | None = None,
 ):  # noqa: ANN202
-    from training.config import get_profile, load_config
+    from training.config import resolve_config
     from training.pipeline import Workspace
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(config) if config else get_profile(profile)
-        cfg = cfg.with_llm(base_model, recommender).with_nproc(nproc)
+        cfg = resolve_config(profile, config).with_llm(base_model, recommender).with_nproc(nproc)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     return Workspace(

@@ -69,7 +69,7 @@ def experiment(path: Path, epochs: int = 2) -> Path:
             "epochs": 10,
             "batch_size": 64,
         },
-        "lm": {"beam_width": BEAM},
+        "lm": LMTrainConfig(beam_width=BEAM).to_dict(),
         "llm": {"prompt": PROMPT, "r": 8, "alpha": 16, "dropout": 0.0, "train": train.to_dict()},
     }
     path.write_text(json.dumps(cfg))

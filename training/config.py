@@ -85,7 +85,9 @@ class PipelineConfig:
 RECOMMENDERS = ("scratch", "llm")
 
 
-def _from_dict(cls: type, d: dict[str, Any]) -> Any:
+def _from_dict(cls: type, d: dict[str, Any], base: Any = None) -> Any:
+    """`cls` built from `d`; fields `d` does not name keep `base`'s values (None: the
+    dataclass defaults); nested sections merge field by field."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(d) - set(fields)
     if unknown:
@@ -96,13 +98,14 @@ def _from_dict(cls: type, d: dict[str, Any]) -> Any:
     for k, v in d.items():
         nested = NESTED.get((cls, k))
         if nested is not None:
-            kwargs[k] = _from_dict(nested, v)
+            if not isinstance(v, dict):
+                raise ValueError(f"{cls.__name__}.{k}: expected an object of fields, got {v!r}")
+            kwargs[k] = _from_dict(nested, v, None if base is None else getattr(base, k))
             continue
-        default = getattr(cls(), k) if cls is not CFTrainConfig else None
-        if isinstance(default, tuple):
+        if isinstance(v, list) and "tuple" in str(fields[k].type):
             v = tuple(v)
         kwargs[k] = v
-    return cls(**kwargs)
+    return cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)
 
 
 NESTED: dict[tuple[type, str], type] = {
@@ -115,14 +118,28 @@ NESTED: dict[tuple[type, str], type] = {
 }
 
 
-def load_config(path: str | Path) -> PipelineConfig:
-    """A JSON file with any subset of PipelineConfig's fields (one file per experiment)."""
+def load_config(path: str | Path, base: PipelineConfig | None = None) -> PipelineConfig:
+    """A JSON file with any subset of PipelineConfig's fields, applied over `base` (a profile;
+    None: the dataclass defaults): the fields the file names replace the base's, section by
+    section; every other field keeps the base's value."""
     path = Path(path)
     try:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
-    return _from_dict(PipelineConfig, d)
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object of configuration fields")
+    try:
+        return _from_dict(PipelineConfig, d, base)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def resolve_config(profile: str, config: str | Path | None) -> PipelineConfig:
+    """What the command line's `--profile NAME [--config FILE]` means: the named profile, with
+    the file's fields (if any) over it."""
+    base = get_profile(profile)
+    return load_config(config, base) if config else base
 
 
 FULL_RECIPE = "yelp-cpu-distill05"
