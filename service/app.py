@@ -7,6 +7,7 @@ import asyncio
 import gc
 import json
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -123,6 +124,7 @@ async def _start(settings: Settings, metrics: Metrics) -> ServiceState:
         queue_size=settings.queue_size,
         metrics=metrics,
         engine_name=settings.engine,
+        parallel=getattr(engine, "workers", 1),
     )
     version = model_version(bundle)
     state = ServiceState(
@@ -216,11 +218,23 @@ def _make_engine(settings: Settings, bundle: Bundle) -> DecodeEngine:
         "max_batch": settings.max_batch_size,
     }
     if settings.decode_process and settings.engine != "vllm":
-        from service.engines.subprocess_engine import SubprocessEngine
+        from service.engines.subprocess_engine import DecodePool, SubprocessEngine
 
+        workers = settings.decode_workers
+        threads = settings.torch_threads
+        if workers > 1 and threads == 0:
+            threads = max(1, (os.cpu_count() or 1) // workers)
+        if workers > 1:
+            return DecodePool(
+                settings.engine,
+                workers,
+                threads=threads,
+                batch_timeout_s=settings.decode_timeout_s,
+                **kwargs,
+            )
         return SubprocessEngine(
             settings.engine,
-            threads=settings.torch_threads,
+            threads=threads,
             batch_timeout_s=settings.decode_timeout_s,
             **kwargs,
         )
@@ -253,7 +267,7 @@ def _run_batch(
         for i, r in enumerate(requests):
             groups.setdefault(max(beam_width, r.k), []).append(i)
         out: list[list[Recommendation]] = [[] for _ in requests]
-        with live.lock:  # no trie update while the engine reads it
+        with live.lock.read():  # no trie update while the engine reads it
             for members in groups.values():
                 results = engine.recommend([requests[i] for i in members], live.trie)
                 for i, recs in zip(members, results, strict=True):
@@ -264,7 +278,7 @@ def _run_batch(
 
 
 def _warmup(engine: DecodeEngine, live: LiveCatalogue) -> None:
-    with live.lock:
+    with live.lock.read():
         engine.warmup(live.trie)
 
 

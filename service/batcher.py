@@ -1,10 +1,10 @@
 """Micro-batching: concurrent requests are gathered into one decoding batch.
 
-One worker task owns the engine. When it is idle and a request arrives, it waits up to
-`max_wait_s` for company (or until `max_batch` requests are pending; 0, the service's default,
-waits not at all), then decodes the batch in a
-worker thread so the event loop keeps accepting requests. While a batch decodes, new requests
-pile up and form the next batch at once. The pending queue is bounded: a submit that does not fit
+One worker task feeds the engine. When a decoding slot is free (`parallel` of them: one per
+decode process of the engine) and a request arrives, it waits up to `max_wait_s` for company (or
+until `max_batch` requests are pending; 0, the service's default, waits not at all), then decodes
+the batch in a worker thread so the event loop keeps accepting requests. While every slot is
+busy, new requests pile up and form the next batch at once. The pending queue is bounded: a submit that does not fit
 raises `QueueFull` (the route answers 503 + Retry-After). A request past its timeout (or whose
 caller went away) stops counting toward that bound at once, is skipped when its turn comes (or
 its result discarded) and raises `asyncio.TimeoutError`.
@@ -63,8 +63,14 @@ class MicroBatcher(Generic[In, Out]):
         queue_size: int,
         metrics: Metrics | None = None,
         engine_name: str = "engine",
+        parallel: int = 1,
     ) -> None:
+        """`parallel`: batches decoded at once; `run_batch` must then be safe to call from that
+        many threads (an engine with as many decode processes)."""
+        if parallel < 1:
+            raise ValueError(f"parallel must be >= 1, got {parallel}")
         self._run_batch = run_batch
+        self.parallel = parallel
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.queue_size = queue_size
@@ -73,7 +79,9 @@ class MicroBatcher(Generic[In, Out]):
         self._pending: collections.deque[_Pending[In, Out]] = collections.deque()
         self._waiting = 0  # entries of _pending still counted (not taken, not abandoned)
         self._arrived = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+        self._executor = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="decode")
+        self._slots: asyncio.Semaphore | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
         self._worker: asyncio.Task[None] | None = None
         self._closing = False
         self._last_batch_s = 0.05
@@ -90,6 +98,7 @@ class MicroBatcher(Generic[In, Out]):
 
     def start(self) -> None:
         if self._worker is None:
+            self._slots = asyncio.Semaphore(self.parallel)
             self._worker = asyncio.create_task(self._loop(), name="micro-batcher")
 
     async def submit(self, item: In, timeout_s: float) -> Out:
@@ -122,7 +131,7 @@ class MicroBatcher(Generic[In, Out]):
 
     def retry_after_s(self, extra: int = 0) -> int:
         """Seconds until the queue has likely drained enough for `extra` more requests."""
-        batches = (self._waiting + extra) / max(1, self.max_batch)
+        batches = (self._waiting + extra) / max(1, self.max_batch) / self.parallel
         return max(1, math.ceil(batches * self._last_batch_s))
 
     async def close(self, timeout_s: float) -> None:
@@ -143,17 +152,32 @@ class MicroBatcher(Generic[In, Out]):
         self._executor.shutdown(wait=True, cancel_futures=False)
 
     async def _loop(self) -> None:
+        assert self._slots is not None
         while True:
             if not self._pending:
                 if self._closing:
+                    if self._inflight:  # close() returns once every batch has answered
+                        await asyncio.gather(*self._inflight, return_exceptions=True)
                     return
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
+            await self._slots.acquire()  # a decoder is free
             await self._gather()
             batch = self._take()
-            if batch:
-                await self._decode(batch)
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._decode_in_slot(batch), name="decode-batch")
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _decode_in_slot(self, batch: list[_Pending[In, Out]]) -> None:
+        assert self._slots is not None
+        try:
+            await self._decode(batch)
+        finally:
+            self._slots.release()
 
     async def _gather(self) -> None:
         """Wait until the batch is full or its oldest request has waited `max_wait_s`."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.keys import KeyRing, is_placeholder_key
@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     1 torch thread, open loop at 100 requests/s): p99 56 ms against 101-156 ms in process, and
     221 against 173 requests/s at 32 connections (closed loop). Start-up takes a few seconds
     longer; the vllm engine already decodes in its own processes and ignores this."""
+
+    decode_workers: int = Field(default=1, ge=1, le=64)
+    """With decode_process: how many child decode processes, each decoding whole batches, so
+    that up to this many batches decode at once (one per core). With more than one and
+    torch_threads 0, each child takes an equal share of the cores."""
 
     max_batch_size: int = Field(default=64, ge=1, le=4096)
     """Most user requests decoded together in one batch."""
@@ -135,6 +140,15 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _workers_need_child_processes(self) -> Settings:
+        if self.decode_workers > 1 and (not self.decode_process or self.engine == "vllm"):
+            raise ValueError(
+                f"decode_workers={self.decode_workers} needs decode_process (torch engines in "
+                "child processes); the vllm engine schedules its own batches"
+            )
+        return self
 
     def resolved_device(self) -> str:
         """`auto` -> cuda when available, else cpu."""

@@ -4,8 +4,9 @@ Rows are append-only: row i of the catalogue is item i of the trie, forever. Re-
 item retires its row (trie.deactivate) and appends a new one, so a row number handed to the
 engine never changes meaning.
 
-Threads: the engine decodes in a worker thread while the event loop may apply new items, so
-every trie mutation and every decode hold `LiveCatalogue.lock`. Writers (tokenize, Redis sync)
+Threads: the engine decodes in worker threads while the event loop may apply new items, so
+every decode holds `LiveCatalogue.lock` shared (`lock.read()`: several decode workers at once)
+and every trie mutation holds it alone (`lock.write()`). Writers (tokenize, Redis sync)
 are serialized by `CatalogueStore.writer` (an asyncio lock), so reads of the catalogue made while
 holding it see a state no one else changes.
 
@@ -16,11 +17,12 @@ tokenized items between replicas through Redis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -91,6 +93,47 @@ class ItemView:
     source: Literal["bundle", "tokenized"]
 
 
+class ReadWriteLock:
+    """Shared readers, exclusive writers; a waiting writer holds new readers back, so a
+    steady stream of decodes cannot starve /tokenize. (The standard library has no such lock;
+    it is a dozen lines over `threading.Condition`.)"""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writer and not self._writers_waiting)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                self._cond.wait_for(lambda: not self._writer and not self._readers)
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
 class LiveCatalogue:
     """Bundle catalogue + tokenized rows + the trie; row numbers are trie item indices."""
 
@@ -99,7 +142,7 @@ class LiveCatalogue:
             raise ValueError(
                 f"trie has {len(trie)} items, catalogue {len(catalogue)} + {len(extra)} tokenized"
             )
-        self.lock = threading.Lock()
+        self.lock = ReadWriteLock()
         self.trie = trie
         self.n_bundle = len(catalogue)
         self._bundle_codes = catalogue.codes
@@ -237,7 +280,7 @@ class CatalogueStore:
         return await asyncio.to_thread(self._apply_locked, entries)
 
     def _apply_locked(self, entries: list[Entry]) -> list[str]:
-        with self.live.lock:
+        with self.live.lock.write():
             return [self.live.apply(e) for e in entries]
 
     def status(self) -> dict[str, Any]:

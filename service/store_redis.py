@@ -385,7 +385,7 @@ class RedisStore(CatalogueStore):
         self._snapshot_at = time.monotonic()
 
     def _capture(self) -> tuple[bytes, list[Entry]]:
-        with self.live.lock:
+        with self.live.lock.read():
             return self.live.trie.to_bytes(), self.live.snapshot_rows()
 
     def status(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing as mp
+import queue
 import signal
 import threading
 import time
@@ -237,3 +238,55 @@ class SubprocessEngine(DecodeEngine):
     @property
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
+
+
+class DecodePool(DecodeEngine):
+    """`workers` child decode processes (each a `SubprocessEngine`); a batch goes to whichever
+    is idle, so up to `workers` batches decode at once, one per core.
+
+    On a small CPU one child with every core's threads scales poorly at serving batch sizes
+    (a batch of 16-32 users gives each GEMM too little work to split); children with one thread
+    each decode separate batches side by side. Each child keeps its own copy of the trie, shipped
+    when it changes, so a batch decodes against the trie of the moment it was sent, whichever
+    child takes it. A child that dies or hangs is replaced as in `SubprocessEngine`.
+    """
+
+    def __init__(self, engine_name: str, workers: int, **kwargs: Any) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self._workers: list[SubprocessEngine] = []
+        try:
+            for _ in range(workers):
+                self._workers.append(SubprocessEngine(engine_name, **kwargs))
+        except BaseException:
+            self.close()
+            raise
+        self.name = self._workers[0].name
+        self._idle: queue.SimpleQueue[SubprocessEngine] = queue.SimpleQueue()
+        for w in self._workers:
+            self._idle.put(w)
+
+    def recommend(
+        self, requests: Sequence[DecodeRequest], trie: ItemTrie
+    ) -> list[list[Recommendation]]:
+        worker = self._idle.get()
+        try:
+            return worker.recommend(requests, trie)
+        finally:
+            self._idle.put(worker)
+
+    def warmup(self, trie: ItemTrie) -> None:
+        for w in self._workers:
+            w.warmup(trie)
+
+    def close(self) -> None:
+        for w in self._workers:
+            w.close()
+
+    @property
+    def workers(self) -> int:
+        return len(self._workers)
+
+    @property
+    def pids(self) -> list[int | None]:
+        return [w.pid for w in self._workers]

@@ -15,12 +15,20 @@ from prometheus_client.parser import text_string_to_metric_families
 from models.bundle import Bundle
 from tests.service.conftest import AUTH, LiveServer, live_server, service_settings
 
+PLACEMENTS = {
+    "in-process": {"decode_process": False},
+    "decode-process": {"decode_process": True},
+    "two-decode-processes": {"decode_process": True, "decode_workers": 2, "torch_threads": 1},
+}
 
-@pytest.fixture(scope="module", params=[False, True], ids=["in-process", "decode-process"])
+
+@pytest.fixture(scope="module", params=list(PLACEMENTS), ids=list(PLACEMENTS))
 def server(tiny_bundle: Path, request: pytest.FixtureRequest) -> Iterator[LiveServer]:
-    """Every test runs against both engine placements: in the server process, and in a child
-    process (LETTERREC_DECODE_PROCESS), where /tokenize's trie changes must be shipped over."""
-    with live_server(service_settings(tiny_bundle, decode_process=request.param)) as srv:
+    """Every test runs against every engine placement: in the server process, in a child
+    process (LETTERREC_DECODE_PROCESS), where /tokenize's trie changes must be shipped over,
+    and in two children decoding batches side by side (LETTERREC_DECODE_WORKERS), each of
+    which must see those changes."""
+    with live_server(service_settings(tiny_bundle, **PLACEMENTS[request.param])) as srv:
         yield srv
 
 

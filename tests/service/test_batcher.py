@@ -167,3 +167,48 @@ async def test_abandoned_requests_stop_counting_toward_the_queue_bound_at_once()
     finally:
         gate.set()
         await b.close(5)
+
+
+class Overlap:
+    """run_batch that records how many of its calls ran at once."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s, self.running, self.most = delay_s, 0, 0
+        self.lock = threading.Lock()
+
+    def __call__(self, items: Sequence[int]) -> list[int]:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(self.delay_s)
+        with self.lock:
+            self.running -= 1
+        return [2 * x for x in items]
+
+
+@pytest.mark.parametrize("parallel", [1, 2, 3])
+async def test_parallel_slots_decode_that_many_batches_at_once(parallel: int) -> None:
+    run = Overlap(0.1)
+    b = make(run, max_batch=2, max_wait_s=0.0, parallel=parallel)
+    b.start()
+    results = await asyncio.gather(*(b.submit(i, 10) for i in range(12)))
+    assert results == [2 * i for i in range(12)]
+    assert run.most == parallel
+    await b.close(5)
+
+
+async def test_close_waits_for_every_batch_in_flight() -> None:
+    run = Overlap(0.2)
+    b = make(run, max_batch=1, max_wait_s=0.0, parallel=2)
+    b.start()
+    tasks = [asyncio.create_task(b.submit(i, 10)) for i in range(4)]
+    await asyncio.sleep(0.05)
+    await b.close(5)
+    assert [t.result() for t in tasks] == [0, 2, 4, 6]
+    with pytest.raises(ShuttingDown):
+        await b.submit(9, 1)
+
+
+def test_parallel_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="parallel must be >= 1"):
+        make(Recorder(), parallel=0)

@@ -60,6 +60,14 @@ def test_build_settings_overrides_environment(monkeypatch: pytest.MonkeyPatch) -
         build_settings("/tmp/bundle", beam=3)
 
 
+def test_decode_workers_need_child_processes() -> None:
+    assert Settings(decode_workers=2).decode_workers == 2
+    with pytest.raises(ValidationError, match="decode_workers=2 needs decode_process"):
+        Settings(decode_workers=2, decode_process=False)
+    with pytest.raises(ValidationError, match="vllm engine schedules its own batches"):
+        Settings(decode_workers=3, engine="vllm")
+
+
 def test_auto_device_resolves_to_a_real_device() -> None:
     assert Settings(device="auto").resolved_device() in ("cpu", "cuda")
     assert Settings(device="cpu").resolved_device() == "cpu"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from models.bundle import Catalogue
@@ -31,7 +34,7 @@ def entry(item_id: str, codes: tuple[int, ...], text: str = "t") -> Entry:
 
 
 def apply_all(live: LiveCatalogue, *entries: Entry) -> None:
-    with live.lock:
+    with live.lock.write():
         for e in entries:
             live.apply(e)
 
@@ -51,7 +54,7 @@ def test_bundle_rows_are_trie_items() -> None:
 def test_apply_creates_replaces_and_repeats() -> None:
     live = LiveCatalogue.from_bundle(catalogue(), 8)
     c1, c2, c3 = free_codes(live, 3)
-    with live.lock:
+    with live.lock.write():
         assert live.apply(entry("new", c1)) == "created"
         assert live.apply(entry("new", c1, "again")) == "existing"
         assert live.apply(entry("new", c2, "other")) == "replaced"
@@ -85,7 +88,7 @@ def test_codes_rows_mixes_bundle_and_tokenized_rows_in_order() -> None:
 def test_apply_retires_another_holder_of_the_codes() -> None:
     live = LiveCatalogue.from_bundle(catalogue(), 8)
     taken = live.item(5).codes
-    with live.lock:
+    with live.lock.write():
         assert live.apply(entry("intruder", taken)) == "created"
     assert live.row_of("b5") is None and live.trie.lookup(taken) == live.row_of("intruder")
 
@@ -126,3 +129,44 @@ async def test_embedded_store_commits_locally() -> None:
         assert await store.commit([entry("a", c1), entry("b", c2)]) == ["created", "created"]
     assert store.version == 2 and store.healthy
     assert live.row_of("a") == 20 and live.row_of("b") == 21
+
+
+def test_the_catalogue_lock_shares_reads_and_writers_wait_for_them_then_go_first() -> None:
+    from service.store import ReadWriteLock
+
+    lock = ReadWriteLock()
+    order: list[str] = []
+    first_read = threading.Event()
+    release = threading.Event()
+
+    def reader(name: str, hold: threading.Event | None) -> None:
+        with lock.read():
+            order.append(f"{name} in")
+            if hold is not None:
+                first_read.set()
+                hold.wait(5)
+            order.append(f"{name} out")
+
+    def writer() -> None:
+        with lock.write():
+            order.append("w in")
+            order.append("w out")
+
+    r1 = threading.Thread(target=reader, args=("r1", release))
+    r1.start()
+    assert first_read.wait(5)
+    with lock.read():  # a second reader enters while the first holds the lock
+        order.append("r2 in")
+    w = threading.Thread(target=writer)
+    w.start()
+    deadline = time.monotonic() + 5
+    while not lock._writers_waiting and time.monotonic() < deadline:
+        time.sleep(0.01)
+    r3 = threading.Thread(target=reader, args=("r3", None))
+    r3.start()  # arrives after the writer: waits for it
+    time.sleep(0.1)
+    assert order == ["r1 in", "r2 in"]
+    release.set()
+    for t in (r1, w, r3):
+        t.join(5)
+    assert order == ["r1 in", "r2 in", "r1 out", "w in", "w out", "r3 in", "r3 out"]

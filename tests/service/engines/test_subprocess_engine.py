@@ -118,3 +118,50 @@ def test_a_hung_child_times_out_and_its_batch_is_decoded_by_a_new_one(model_dir)
         assert child.pid not in (None, old)
     finally:
         child.close()
+
+
+def test_a_pool_decodes_batches_side_by_side_with_the_same_answers(model_dir):
+    """DecodePool: two children; two batches sent from two threads decode at once (each child
+    is seen decoding while the other holds a batch), answers equal the in-process engine's,
+    trie changes reach both children, and a killed child is replaced."""
+    from service.engines.subprocess_engine import DecodePool
+
+    local = TorchEngine(model_dir, VOCAB, **KW)
+    pool = DecodePool("torch", 2, threads=1, model_dir=model_dir, vocab=VOCAB, **KW)
+    try:
+        assert pool.workers == 2 and len(set(pool.pids)) == 2
+        codes = random_catalogue(400, VOCAB.levels, VOCAB.codebook_size, seed=8)
+        trie = ItemTrie.from_codes(codes[:300], VOCAB.codebook_size)
+        reqs = requests_for(codes[:300], 4, seed=1)
+        want = local.recommend(reqs, trie)
+        # Hold one child (SIGSTOP) mid-batch: the other must still answer a second batch.
+        first = pool._workers[0]
+        os.kill(first.pid, signal.SIGSTOP)
+        held: list = []
+        t = threading.Thread(target=lambda: held.append(pool.recommend(reqs, trie)))
+        t.start()
+        try:
+            # The stopped child took the first batch; the second goes to the idle one.
+            for _ in range(100):
+                if pool._idle.qsize() == 1:
+                    break
+                threading.Event().wait(0.05)
+            assert same(pool.recommend(reqs, trie), want)
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
+        t.join(30)
+        assert held and same(held[0], want)
+        for c in codes[300:]:
+            trie.add(c.tolist())
+        prior = [DecodeRequest([VOCAB.bos_id], k=60)]
+        want = local.recommend(prior, trie)
+        for _ in range(4):  # both children, whichever is idle
+            assert same(pool.recommend(prior, trie), want)
+        old = pool.pids[1]
+        os.kill(old, signal.SIGKILL)
+        for _ in range(4):
+            assert same(pool.recommend(prior, trie), want)
+        assert old not in pool.pids and None not in pool.pids
+    finally:
+        pool.close()
+    assert pool.pids == [None, None]
