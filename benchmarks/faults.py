@@ -239,8 +239,8 @@ class Replica:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def decode_child(self) -> int:
-        """The pid of the replica's decode child (a multiprocessing spawn child)."""
+    def decode_children(self) -> list[int]:
+        """The pids of the replica's decode children (multiprocessing spawn children)."""
         assert self.proc is not None
         out = subprocess.run(
             ["pgrep", "-P", str(self.proc.pid), "-f", "spawn_main"],
@@ -248,9 +248,9 @@ class Replica:
             text=True,
             check=False,
         ).stdout.split()
-        if len(out) != 1:
-            raise RuntimeError(f"expected one decode child of {self.proc.pid}, found {out}")
-        return int(out[0])
+        if not out:
+            raise RuntimeError(f"no decode child of {self.proc.pid}")
+        return sorted(int(pid) for pid in out)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -567,21 +567,29 @@ def redis_slow(cluster: Cluster, delay_s: float = 0.8, hold_s: float = 2.0) -> F
 
 
 def decode_child_fault(cluster: Cluster, name: str) -> FaultResult:
-    """The decode child of replica 0 killed (SIGKILL) or hung (SIGSTOP: the replica kills it
-    after LETTERREC_DECODE_TIMEOUT_S and decodes the batch again on a new one)."""
+    """A decode child of replica 0 killed (SIGKILL: the replica starts a new one at once), or
+    every decode child hung (SIGSTOP: whichever takes the next batch is killed after
+    LETTERREC_DECODE_TIMEOUT_S and the batch decoded again on a new one; the others are let go
+    once that happened)."""
     replica = cluster.replicas[0]
     with cluster.traffic.running() as tally:
         time.sleep(0.5)
-        child = replica.decode_child()
-        os.kill(child, signal.SIGKILL if name == "decode_child_killed" else signal.SIGSTOP)
+        children = replica.decode_children()
+        targets = children[:1] if name == "decode_child_killed" else children
+        for pid in targets:
+            os.kill(pid, signal.SIGKILL if name == "decode_child_killed" else signal.SIGSTOP)
 
         def replaced() -> bool:
             try:
-                return replica.decode_child() != child
+                now = replica.decode_children()
             except RuntimeError:
                 return False
+            return len(now) >= len(children) and not set(targets) <= set(now)
 
         wait_for(replaced, 120, "a new decode child", 0.1)
+        for pid in targets:  # hung children that no batch reached: let them go on
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         probe_errors = _check_probes(cluster, degraded_ok=False)
         converged = cluster.converge()
         time.sleep(0.5)

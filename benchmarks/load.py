@@ -350,7 +350,9 @@ def write(report: dict[str, Any], out_dir: Path, device: str) -> Path:
     server = report["server"]
     md += (
         f"Client: {report['client']}. "
-        f"Server: engine {server.get('engine')}, model {server.get('model_version')}, "
+        f"Server: engine {server.get('engine')} ({server.get('dtype')}, "
+        f"{server.get('decode_workers')} decode processes of {server.get('torch_threads')} torch "
+        f"threads; 0 processes: in the server), model {server.get('model_version')}, "
         f"{server.get('catalogue_items')} items. k = {report['k']}, histories of "
         f"1..{report['history_len']} items, {report['duration_s']} s or "
         f"{report['max_requests']} requests per level. Load average at start "
@@ -456,7 +458,16 @@ def make_report(
         **model_info(args.bundle),
         "load_average": {"start": load_start, "end": os.getloadavg()},
         "server": {
-            k: server.get(k) for k in ("engine", "device", "model_version", "catalogue_items")
+            k: server.get(k)
+            for k in (
+                "engine",
+                "device",
+                "dtype",
+                "decode_workers",
+                "torch_threads",
+                "model_version",
+                "catalogue_items",
+            )
         },
         "url": args.url,
         "client": args.client,

@@ -7,7 +7,6 @@ import asyncio
 import gc
 import json
 import logging
-import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -38,7 +37,7 @@ from service.serving import (
     ServingTokenize,
     Unavailable,
 )
-from service.settings import Settings
+from service.settings import Settings, usable_cores
 from service.store import CatalogueStore, LiveCatalogue
 
 log = logging.getLogger(__name__)
@@ -151,7 +150,13 @@ async def _start(settings: Settings, metrics: Metrics) -> ServiceState:
         model_version=version,
         keys=keys,
         limiter=RateLimiter(settings.write_rate_per_s, settings.write_burst),
-        info={"bundle": str(bundle.root), "device": settings.resolved_device()},
+        info={
+            "bundle": str(bundle.root),
+            "device": settings.resolved_device(),
+            "dtype": settings.dtype,
+            "decode_workers": settings.resolved_decode_workers(),
+            "torch_threads": getattr(engine, "threads", settings.torch_threads),
+        },
     )
     await store.start()
     await asyncio.to_thread(_warmup, engine, store.live)
@@ -217,13 +222,13 @@ def _make_engine(settings: Settings, bundle: Bundle) -> DecodeEngine:
         "beam_width": settings.beam_width,
         "max_batch": settings.max_batch_size,
     }
-    if settings.decode_process and settings.engine != "vllm":
+    workers = settings.resolved_decode_workers()
+    if workers:
         from service.engines.subprocess_engine import DecodePool, SubprocessEngine
 
-        workers = settings.decode_workers
         threads = settings.torch_threads
         if workers > 1 and threads == 0:
-            threads = max(1, (os.cpu_count() or 1) // workers)
+            threads = max(1, usable_cores() // workers)
         if workers > 1:
             return DecodePool(
                 settings.engine,

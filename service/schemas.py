@@ -255,5 +255,10 @@ class Readiness(BaseModel):
     model_version: str | None = None
     engine: str | None = None
     device: str | None = None
+    dtype: str | None = None
+    decode_workers: int | None = None
+    """Child processes decoding batches side by side (0: in the server process)."""
+    torch_threads: int | None = None
+    """Torch threads of each decoding process (0: torch's default)."""
     catalogue_items: int = 0
     catalogue_version: int = 0

@@ -5,6 +5,7 @@ Built in the app's lifespan (or passed to `create_app`), never at import time.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -52,10 +53,14 @@ class Settings(BaseSettings):
     221 against 173 requests/s at 32 connections (closed loop). Start-up takes a few seconds
     longer; the vllm engine already decodes in its own processes and ignores this."""
 
-    decode_workers: int = Field(default=1, ge=1, le=64)
+    decode_workers: int = Field(default=0, ge=0, le=64)
     """With decode_process: how many child decode processes, each decoding whole batches, so
-    that up to this many batches decode at once (one per core). With more than one and
-    torch_threads 0, each child takes an equal share of the cores."""
+    that up to this many batches decode at once. 0 (auto): 2 on a CPU with at least 2 usable
+    cores, else 1 (one on CUDA, where one batch fills the device). With more than one and
+    torch_threads 0, each child takes an equal share of the cores. Measured on 2 cores (ml-100k,
+    the `full` profile's trained model, float32, benchmarks/results/load-cpu-intel-ml100k-full*):
+    2 children of 1 thread served 100 requests/s at p99 93 ms and 181 requests/s at 32
+    connections, against 168 ms and 104 requests/s for one child of 1 thread."""
 
     max_batch_size: int = Field(default=64, ge=1, le=4096)
     """Most user requests decoded together in one batch."""
@@ -150,6 +155,16 @@ class Settings(BaseSettings):
             )
         return self
 
+    def resolved_decode_workers(self) -> int:
+        """The decode child processes to start (0 for engines decoded in process)."""
+        if not self.decode_process or self.engine == "vllm":
+            return 0
+        if self.decode_workers:
+            return self.decode_workers
+        if self.resolved_device() != "cpu":
+            return 1
+        return 2 if usable_cores() >= 2 else 1
+
     def resolved_device(self) -> str:
         """`auto` -> cuda when available, else cpu."""
         return _resolve(self.device)
@@ -169,6 +184,14 @@ class Settings(BaseSettings):
 
     def placeholder_keys(self) -> int:
         return self.key_ring().placeholders
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _resolve(device: str) -> str:

@@ -11,8 +11,8 @@ copy of the item trie: the parent ships the trie's bytes (`ItemTrie.to_bytes`) w
 whenever the trie object or its version changed since the last one shipped (after /tokenize or
 a Redis resync), so a batch is always decoded against the trie of the moment it was sent, as in
 process. Requests and results cross a pipe (a few KB a batch). An exception in the child is
-raised again in the parent with its type; a child that dies is started again at the next call,
-and so is one that hangs: a batch not answered within `batch_timeout_s` kills the child instead
+raised again in the parent with its type; a child that dies is started again at once (a thread
+waits on its exit), and one that hangs is replaced too: a batch not answered within `batch_timeout_s` kills the child instead
 of blocking decoding for good. A batch whose child died or hung under it is decoded once more
 on the new child (decoding has no side effects and the parent holds the trie), so a lost child
 costs its batch latency, not an error; a second loss in a row fails the batch.
@@ -28,6 +28,7 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
+from multiprocessing import connection as mp_connection
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -116,6 +117,7 @@ class SubprocessEngine(DecodeEngine):
         self._conn: Connection | None = None
         self._proc: Any = None
         self._shipped: tuple[int, ...] | None = None
+        self._closed = False
         self.name = engine_name
         self._start()
 
@@ -149,12 +151,33 @@ class SubprocessEngine(DecodeEngine):
             raise value
         self._conn, self._proc, self._shipped = parent, proc, None
         self.name = str(value)
+        threading.Thread(
+            target=self._watch, args=(proc,), name=f"watch-decode-{proc.pid}", daemon=True
+        ).start()
         log.info(
             "decode worker pid %d (%s engine) ready in %.1f s",
             proc.pid,
             self.name,
             time.perf_counter() - t0,
         )
+
+    def _watch(self, proc: Any) -> None:
+        """Start a new child as soon as `proc` exits unexpectedly, so the next batch does not
+        wait for a start-up (a child lost during a batch is replaced by that batch's retry)."""
+        mp_connection.wait([proc.sentinel])
+        with self._lock:
+            if self._closed or self._proc is not proc:
+                return  # closed, or already replaced
+            log.error(
+                "decode worker pid %d exited (code %s); starting a new one",
+                proc.pid,
+                proc.exitcode,
+            )
+            self._discard()
+            try:
+                self._start()
+            except Exception:  # noqa: BLE001 - the next batch tries again and reports it
+                log.exception("could not start a new decode worker; the next batch will retry")
 
     def _kill_hung(self) -> None:
         """Kill a child that stopped answering (SIGKILL works on a stopped process too)."""
@@ -177,6 +200,7 @@ class SubprocessEngine(DecodeEngine):
         return self._conn is not None and self._proc is not None and self._proc.is_alive()
 
     def close(self) -> None:
+        self._closed = True
         with self._lock:
             if self._conn is not None:
                 with contextlib.suppress(OSError, ValueError):
@@ -262,8 +286,11 @@ class DecodePool(DecodeEngine):
             self.close()
             raise
         self.name = self._workers[0].name
-        self._idle: queue.SimpleQueue[SubprocessEngine] = queue.SimpleQueue()
-        for w in self._workers:
+        self.threads = self._workers[0].threads
+        # Last in, first out: at low load one child takes every batch while its weights and
+        # trie are hot in cache; the others join only when batches overlap.
+        self._idle: queue.LifoQueue[SubprocessEngine] = queue.LifoQueue()
+        for w in reversed(self._workers):
             self._idle.put(w)
 
     def recommend(

@@ -33,6 +33,9 @@ async def readyz(request: Request) -> Response:
             model_version=state.model_version,
             engine=state.settings.engine,
             device=state.info.get("device"),
+            dtype=state.info.get("dtype"),
+            decode_workers=state.info.get("decode_workers"),
+            torch_threads=state.info.get("torch_threads"),
             catalogue_items=live.n_active,
             catalogue_version=state.store.version,
         )

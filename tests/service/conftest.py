@@ -126,6 +126,7 @@ class LiveServer:
     """One app instance behind a real uvicorn server on a free port, in a thread."""
 
     def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self.port = free_port()
         # The production configuration (service/server.py), so its limits are what is tested.
         config = uvicorn_config(settings, "127.0.0.1", self.port)

@@ -17,7 +17,7 @@ from tests.service.conftest import AUTH, LiveServer, live_server, service_settin
 
 PLACEMENTS = {
     "in-process": {"decode_process": False},
-    "decode-process": {"decode_process": True},
+    "decode-process": {"decode_process": True, "decode_workers": 1},
     "two-decode-processes": {"decode_process": True, "decode_workers": 2, "torch_threads": 1},
 }
 
@@ -52,7 +52,7 @@ def ids(response: httpx.Response) -> list[str]:
 
 
 # ---- operations ----------------------------------------------------------------------------
-def test_health_ready_docs(client: httpx.Client, bundle: Bundle) -> None:
+def test_health_ready_docs(client: httpx.Client, bundle: Bundle, server: LiveServer) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
@@ -61,6 +61,10 @@ def test_health_ready_docs(client: httpx.Client, bundle: Bundle) -> None:
     assert body["catalogue_items"] >= len(bundle.catalogue)
     assert body["model_version"].endswith(bundle.manifest.created_at)
     assert body["engine"] == "torch" and body["device"] == "cpu"
+    # How it decodes, as the placement asked: in process, one child, or two side by side.
+    asked = server.settings
+    workers = asked.decode_workers if asked.decode_process else 0
+    assert (body["dtype"], body["decode_workers"]) == ("float32", workers)
     docs = client.get("/docs")
     assert docs.status_code == 200
     # Air-gapped installs: the page's scripts come from the service itself, not a CDN.

@@ -60,8 +60,17 @@ def test_build_settings_overrides_environment(monkeypatch: pytest.MonkeyPatch) -
         build_settings("/tmp/bundle", beam=3)
 
 
-def test_decode_workers_need_child_processes() -> None:
-    assert Settings(decode_workers=2).decode_workers == 2
+def test_decode_workers_need_child_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    import service.settings as settings_module
+
+    assert Settings(decode_workers=3).resolved_decode_workers() == 3
+    monkeypatch.setattr(settings_module, "usable_cores", lambda: 2)
+    assert Settings(device="cpu").resolved_decode_workers() == 2  # auto: one per core
+    monkeypatch.setattr(settings_module, "usable_cores", lambda: 1)
+    assert Settings(device="cpu").resolved_decode_workers() == 1
+    assert Settings(device="cuda").resolved_decode_workers() == 1
+    assert Settings(decode_process=False).resolved_decode_workers() == 0  # in process
+    assert Settings(engine="vllm").resolved_decode_workers() == 0
     with pytest.raises(ValidationError, match="decode_workers=2 needs decode_process"):
         Settings(decode_workers=2, decode_process=False)
     with pytest.raises(ValidationError, match="vllm engine schedules its own batches"):
