@@ -59,8 +59,9 @@ class Settings(BaseSettings):
     cores, else 1 (one on CUDA, where one batch fills the device). With more than one and
     torch_threads 0, each child takes an equal share of the cores. Measured on 2 cores (ml-100k,
     the `full` profile's trained model, float32, benchmarks/results/load-cpu-intel-ml100k-full*):
-    2 children of 1 thread served 100 requests/s at p99 93 ms and 181 requests/s at 32
-    connections, against 168 ms and 104 requests/s for one child of 1 thread."""
+    2 children of 1 thread: p99 106 ms at 100 requests/s and 203 requests/s at 32 connections
+    (medians of 3 runs), against 263 ms and 147 for one child of 2 threads, 334 ms and 105 for
+    one child of 1 thread."""
 
     max_batch_size: int = Field(default=64, ge=1, le=4096)
     """Most user requests decoded together in one batch."""
