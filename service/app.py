@@ -227,9 +227,9 @@ def _make_engine(settings: Settings, bundle: Bundle) -> DecodeEngine:
         from service.engines.subprocess_engine import DecodePool, SubprocessEngine
 
         threads = settings.torch_threads
-        if workers > 1 and threads == 0:
-            threads = max(1, usable_cores() // workers)
         if workers > 1:
+            if threads == 0:  # an equal share of the cores each
+                threads = max(1, usable_cores() // workers)
             return DecodePool(
                 settings.engine,
                 workers,

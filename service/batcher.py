@@ -4,8 +4,8 @@ One worker task feeds the engine. When a decoding slot is free (`parallel` of th
 decode process of the engine) and a request arrives, it waits up to `max_wait_s` for company (or
 until `max_batch` requests are pending; 0, the service's default, waits not at all), then decodes
 the batch in a worker thread so the event loop keeps accepting requests. While every slot is
-busy, new requests pile up and form the next batch at once. The pending queue is bounded: a submit that does not fit
-raises `QueueFull` (the route answers 503 + Retry-After). A request past its timeout (or whose
+busy, new requests pile up and form the next batch at once. The pending queue is bounded: a
+submit that does not fit raises `QueueFull` (the route answers 503 + Retry-After). A request past its timeout (or whose
 caller went away) stops counting toward that bound at once, is skipped when its turn comes (or
 its result discarded) and raises `asyncio.TimeoutError`.
 """

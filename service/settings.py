@@ -149,16 +149,20 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _workers_need_child_processes(self) -> Settings:
-        if self.decode_workers > 1 and (not self.decode_process or self.engine == "vllm"):
+        if self.decode_workers > 1 and self._decodes_in_process():
             raise ValueError(
                 f"decode_workers={self.decode_workers} needs decode_process (torch engines in "
                 "child processes); the vllm engine schedules its own batches"
             )
         return self
 
+    def _decodes_in_process(self) -> bool:
+        """No decode child: decode_process off, or vllm (which runs its own processes)."""
+        return not self.decode_process or self.engine == "vllm"
+
     def resolved_decode_workers(self) -> int:
         """The decode child processes to start (0 for engines decoded in process)."""
-        if not self.decode_process or self.engine == "vllm":
+        if self._decodes_in_process():
             return 0
         if self.decode_workers:
             return self.decode_workers

@@ -12,8 +12,8 @@ whenever the trie object or its version changed since the last one shipped (afte
 a Redis resync), so a batch is always decoded against the trie of the moment it was sent, as in
 process. Requests and results cross a pipe (a few KB a batch). An exception in the child is
 raised again in the parent with its type; a child that dies is started again at once (a thread
-waits on its exit), and one that hangs is replaced too: a batch not answered within `batch_timeout_s` kills the child instead
-of blocking decoding for good. A batch whose child died or hung under it is decoded once more
+waits on its exit), and one that hangs is replaced too: a batch not answered within
+`batch_timeout_s` kills the child instead of blocking decoding for good. A batch whose child died or hung under it is decoded once more
 on the new child (decoding has no side effects and the parent holds the trie), so a lost child
 costs its batch latency, not an error; a second loss in a row fails the batch.
 """
